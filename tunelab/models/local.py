@@ -1,0 +1,229 @@
+"""Local transformers backend: the bundled GGUF, any HF directory or GGUF file, plus an optional PEFT adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tunelab.errors import ModelError
+from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message
+from tunelab.models.convert import resolve_local_path
+from tunelab.models.scoring import PrefixScorer
+
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dir_identity(path: Path) -> str:
+    """A cheap, stable identity of a model/adapter directory: names, sizes and mtimes of its files."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+class LocalModel:
+    """A causal LM from transformers behind the ModelBackend interface."""
+
+    supports_scoring = True
+
+    def __init__(self, spec: str | None = None, *, adapter: str | os.PathLike | None = None,
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 16):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = resolve_local_path(spec)
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load model from {self.path}: {str(e).splitlines()[0]}") from None
+        self.adapter_path = Path(adapter) if adapter else None
+        if self.adapter_path is not None:
+            model = self._attach_adapter(model, self.adapter_path)
+        self.model = model.to(self.device).eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if not getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.chat_template = FALLBACK_TEMPLATE
+        self.autocast_dtype = self._pick_autocast(dtype)
+        base = "smollm2-135m" if spec is None or str(spec).lower() in ("bundled", "default", "smollm2") \
+            else Path(str(spec)).name
+        self.name = base + (f"+{self.adapter_path.name}" if self.adapter_path else "")
+        ident = _dir_identity(self.path) + (":" + _dir_identity(self.adapter_path) if self.adapter_path else "")
+        self.identity = f"local:{self.path.name}:{ident}:{self.autocast_dtype}"
+        self._scorer = PrefixScorer(self.model, autocast_dtype=self.autocast_dtype)
+        self._eot: str | None = None
+
+    # -- loading -------------------------------------------------------------------------------------
+    def _attach_adapter(self, model, adapter: Path):
+        if not (adapter / "adapter_config.json").is_file():
+            sub = adapter / "adapter"
+            if (sub / "adapter_config.json").is_file():
+                adapter = sub
+            else:
+                raise ModelError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        self.adapter_path = adapter
+        from peft import PeftModel
+
+        tmpl = adapter / "chat_template.jinja"
+        if tmpl.is_file():  # train and inference render the same tokens
+            self.tokenizer.chat_template = tmpl.read_text(encoding="utf-8")
+        return PeftModel.from_pretrained(model, str(adapter))
+
+    def _pick_autocast(self, dtype: str) -> torch.dtype | None:
+        if dtype in ("float32", "fp32"):
+            return None
+        if dtype in ("bfloat16", "bf16"):
+            return torch.bfloat16
+        if dtype != "auto":
+            raise ModelError(f"unknown dtype {dtype!r}; expected auto, float32 or bfloat16")
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # -- rendering -----------------------------------------------------------------------------------
+    def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
+        """The exact text the model sees (chat template applied)."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    @property
+    def end_of_turn(self) -> str:
+        """The text the chat template puts after an assistant answer (e.g. ``<|im_end|>``)."""
+        if self._eot is None:
+            probe = [{"role": "user", "content": "x"}]
+            with_answer = self.tokenizer.apply_chat_template(
+                probe + [{"role": "assistant", "content": "ANSWER_SENTINEL"}], tokenize=False)
+            tail = with_answer.split("ANSWER_SENTINEL", 1)[-1].strip()
+            self._eot = tail or (self.tokenizer.eos_token or "")
+        return self._eot
+
+    def choice_token_ids(self, prompt_text: str, choice: str, *, include_end: bool = True) -> list[int]:
+        """Token ids of ``choice`` (and the end-of-turn marker) as they follow ``prompt_text``."""
+        tok = self.tokenizer
+        full = prompt_text + choice + (self.end_of_turn if include_end else "")
+        p_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        f_ids = tok(full, add_special_tokens=False)["input_ids"]
+        if f_ids[:len(p_ids)] == p_ids and len(f_ids) > len(p_ids):
+            return f_ids[len(p_ids):]
+        ids = tok(choice, add_special_tokens=False)["input_ids"]
+        if include_end and self.end_of_turn:
+            ids += tok(self.end_of_turn, add_special_tokens=False)["input_ids"]
+        return ids
+
+    # -- operations ----------------------------------------------------------------------------------
+    def score_choices(self, prompts: list[list[Message]], choices: list[str], *,
+                      progress: Callable[[int], None] | None = None,
+                      include_end: bool = True) -> list[ChoiceScores]:
+        t0 = time.perf_counter()
+        texts = [self.render(m) for m in prompts]
+        enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        choice_ids = [self.choice_token_ids(texts[0], c, include_end=include_end) for c in choices]
+        scores = self._scorer.score(enc, choice_ids, on_items=progress)
+        per_item_ms = (time.perf_counter() - t0) * 1000 / max(1, len(prompts))
+        return [ChoiceScores(logprobs=s, prompt_tokens=len(e), choice_tokens=[len(c) for c in choice_ids],
+                             latency_ms=per_item_ms) for s, e in zip(scores, enc)]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[Message]], params: GenerationParams, *,
+                 progress: Callable[[int], None] | None = None) -> list[Generation]:
+        """Batched generation with left padding; batches are formed from prompts of similar length."""
+        tok = self.tokenizer
+        texts = [self.render(m) for m in prompts]
+        enc = tok(texts, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(enc[i]))
+        out: list[Generation | None] = [None] * len(texts)
+        eos_ids = self._eos_ids()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            width = max(len(enc[i]) for i in idx)
+            pad = tok.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(enc[i])) + enc[i] for i in idx])
+            attn = torch.tensor([[0] * (width - len(enc[i])) + [1] * len(enc[i]) for i in idx])
+            kwargs = dict(max_new_tokens=params.max_new_tokens, pad_token_id=pad, eos_token_id=eos_ids)
+            if params.greedy:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            else:
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+                if params.seed is not None:
+                    torch.manual_seed(params.seed + start)
+            if params.stop:
+                kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+            with self._autocast():
+                seqs = self.model.generate(input_ids=input_ids.to(self.device),
+                                           attention_mask=attn.to(self.device), **kwargs)
+            ms = (time.perf_counter() - t0) * 1000 / len(idx)
+            for row, i in enumerate(idx):
+                new = seqs[row, width:].tolist()
+                n_new = len(new)
+                finish = "length"
+                for j, t in enumerate(new):
+                    if t in eos_ids:
+                        new, n_new, finish = new[:j], j + 1, "stop"
+                        break
+                text = tok.decode(new, skip_special_tokens=True)
+                for s in params.stop:
+                    if s in text:
+                        text, finish = text.split(s, 1)[0], "stop"
+                out[i] = Generation(text=text, prompt_tokens=len(enc[i]), completion_tokens=n_new,
+                                    finish_reason=finish, latency_ms=ms)
+            if progress:
+                progress(len(idx))
+        return out  # type: ignore[return-value]
+
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(gen_eos)
+        eot = self.tokenizer.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
+        if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+            ids.add(eot)
+        return sorted(ids)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "adapter": str(self.adapter_path or ""),
+                "device": str(self.device), "autocast": str(self.autocast_dtype),
+                "parameters": sum(p.numel() for p in self.model.parameters())}
