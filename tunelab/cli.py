@@ -20,7 +20,8 @@ app = typer.Typer(help="tunelab: measure prompts, generate teacher data, fine-tu
 prompt_app = typer.Typer(help="Inspect prompt specs.", no_args_is_help=True)
 app.add_typer(prompt_app, name="prompt")
 
-console = Console()
+# Wide enough for the results table when the output is a file or a CI log (rich defaults to 80 there).
+console = Console(width=None if Console().is_terminal else 160)
 err_console = Console(stderr=True)
 
 
@@ -42,7 +43,8 @@ def _new_progress():
         TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, transient=False)
+                    TimeRemainingColumn(), console=err_console, transient=False,
+                    disable=not err_console.is_terminal)
 
 
 @app.callback(invoke_without_command=True)
@@ -230,6 +232,23 @@ def prompt_render(
             console.rule("[bold]as the model sees it")
             console.print(mdl.render(messages), highlight=False, markup=False)
             console.print(f"({mdl.count_tokens(messages)} tokens)")
+
+
+# Commands that live beside their library code register themselves here (each module has register(app)).
+def _register_subcommands() -> None:
+    import importlib
+
+    for name in ("tunelab.train.command", "tunelab.generate.command", "tunelab.serve.command"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(app)
+
+
+_register_subcommands()
 
 
 def main() -> None:

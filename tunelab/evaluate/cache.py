@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +29,8 @@ def prompt_hash(messages: list[dict]) -> str:
 class CallCache:
     def __init__(self, path: str | Path | None = None, *, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(path) if path else cache_root() / "calls.sqlite"
+        env = os.environ.get("TUNELAB_CALL_CACHE")
+        self.path = Path(path) if path else Path(env) if env else cache_root() / "calls.sqlite"
         self._db: sqlite3.Connection | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)

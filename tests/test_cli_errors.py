@@ -1,0 +1,79 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback."""
+
+import json
+
+import pytest
+
+from conftest import EXAMPLES, run_cli
+
+
+def assert_clean_error(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    r = run_cli("eval", str(tmp_path / "nope.yaml"))
+    assert_clean_error(r, "nope.yaml")
+
+
+def test_unknown_config_field(tmp_path):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("name: x\ndata:\n  path: d.jsonl\n  limt: 3\nvariants:\n  a: p.yaml\n")
+    r = run_cli("eval", str(cfg))
+    assert_clean_error(r, "e.yaml", "data.limt", "unknown field")
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("name: x\ndata: [\n  path: 1\n")
+    r = run_cli("eval", str(cfg))
+    assert_clean_error(r, "e.yaml:")
+
+
+def test_malformed_jsonl_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "좋다", "label": "Positive"}\n{"text": oops}\n')
+    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"), "--data", str(data),
+                "--out", str(tmp_path / "out"))
+    assert_clean_error(r, f"{data}:2", "malformed JSON")
+
+
+def test_missing_data_file(tmp_path):
+    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"), "--data",
+                str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "out"))
+    assert_clean_error(r, "none.jsonl")
+
+
+def test_label_outside_label_set(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"id": "a", "text": "좋다", "label": "Positive"}, {"id": "b", "text": "별로", "label": "Bad"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"), "--data", str(data),
+                "--out", str(tmp_path / "out"))
+    assert_clean_error(r, f"{data}:2", "'Bad'", "label set")
+
+
+def test_unreachable_endpoint(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "a", "text": "좋다", "label": "Positive"}\n')
+    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"), "--data", str(data),
+                "--model", "openai:some-model", "--out", str(tmp_path / "out"), "--no-cache",
+                env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OPENAI_API_KEY": "sk-SENTINEL-KEY"})
+    assert_clean_error(r, "cannot reach")
+    assert "SENTINEL" not in r.stderr + r.stdout
+
+
+def test_quick_form_needs_prompt_and_data():
+    r = run_cli("eval")
+    assert_clean_error(r, "--prompt")
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["eval", "--help"], ["prompt", "render", "--help"]])
+def test_help_everywhere(cmd):
+    r = run_cli(*cmd)
+    assert r.returncode == 0 and "Usage" in r.stdout
