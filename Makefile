@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.tunelab-installed
 
-.PHONY: demo test install clean-cache bench
+.PHONY: demo test install browser bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tunelab eval examples/eval_nsmc.yaml --out runs/demo
 
-test: $(STAMP)
+# Headless Chromium for the report's browser test (Debian packages; skipped where apt is not available).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "chromium not installed: the browser test will be skipped"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

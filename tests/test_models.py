@@ -34,6 +34,7 @@ def test_converted_dir_is_a_plain_hf_model(bundled_model):
     # Resolving again reuses the cache (same directory, no new conversion).
     assert resolve_local_path(None) == d
     assert resolve_local_path(str(d)) == d
+    assert resolve_local_path(str(bundled_gguf())) == d  # any .gguf path, converted once
     assert not getattr(bundled_model.model, "is_quantized", False)
 
 
