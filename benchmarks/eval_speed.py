@@ -78,7 +78,7 @@ def main() -> None:
                              prompt_tokens=tokens)
         print(f"{name:10s}  prompt {tokens:6.0f} tok/item  naive {naive_s * 1000:7.1f} ms/item  "
               f"tunelab {fast_s * 1000:6.1f} ms/item (fp32 {fast32_s * 1000:6.1f})  "
-              f"speed-up {naive_s / fast_s:5.1f}x (fp32 {naive_s / fast32_s:4.1f}x)  accuracy {acc:.3f}")
+              f"speed-up {naive_s / fast_s:5.1f}x (fp32 {naive_s / fast32_s:4.1f}x)  accuracy {acc:.3f}", flush=True)
     fewshot_cost = results["eight_shot"]["fast_ms"] / results["zero_shot"]["fast_ms"]
     print(f"8-shot cost relative to zero-shot with tunelab: {fewshot_cost:.2f}x "
           f"(prompt {results['eight_shot']['prompt_tokens'] / results['zero_shot']['prompt_tokens']:.1f}x longer)")

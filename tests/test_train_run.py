@@ -1,0 +1,242 @@
+"""`tunelab train` / `tunelab merge` end to end, as a user runs them (subprocesses, a tiny random Llama with
+the bundled tokenizer): LoRA adapter dir, SIGKILL + --resume, 2-process accelerate, merge check, full and
+pretrain outputs, bad input. One smoke test trains the bundled model on a handful of reviews."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_support import ROOT, chat_rows, reviews, tiny_model_dir, train_env, tunelab_cmd, \
+    write_jsonl  # noqa: F401
+
+
+def run_train(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    p = subprocess.run(tunelab_cmd("train", *args), capture_output=True, text=True, env=env or train_env(),
+                       cwd=ROOT, timeout=timeout)
+    return p
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(48))
+
+
+def common(tiny: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(tiny), "--data", str(data), "--out", str(out), "--batch-size", "8",
+            "--micro-batch-size", "4", "--lr", "5e-3", "--lora-r", "4", *extra]
+
+
+def test_lora_quick_form_leaves_a_peft_adapter_and_a_report(tmp_path, tiny_model_dir, chat_file):
+    out = tmp_path / "run"
+    probe = ROOT / "examples" / "data" / "self_instruct_probe_64.jsonl"
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "3", "--forgetting", str(probe)))
+    assert p.returncode == 0, p.stderr
+    assert "⟦Negative<|im_end|>⟧" in p.stderr or "⟦Positive<|im_end|>⟧" in p.stderr  # the preview
+    assert "end-of-turn '<|im_end|>' is supervised: ok" in p.stderr
+    adapter = out / "adapter"
+    for f in ("adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tunelab_train.json"):
+        assert (adapter / f).is_file(), f
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # never pickles
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["steps"] == 3 and rep["parameters"]["trainable"] > 0 and rep["tok_s"] > 0
+    assert rep["peak_rss_gb"] > 0 and rep["mfu"]["flops_per_token"] > 0
+    assert rep["forgetting"]["perplexity_before"] > 1 and "perplexity_after" in rep["forgetting"]
+    assert (out / "report.html").read_text().count("<svg") == 1
+    # Several adapters over one base: load a second one beside the first.
+    model.load_adapter(str(adapter), adapter_name="second")
+    model.set_adapter("second")
+
+
+def test_dry_run_trains_nothing(tmp_path, tiny_model_dir, chat_file):
+    out = tmp_path / "dry"
+    p = run_train(*common(tiny_model_dir, chat_file, out), "--dry-run")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["dry_run"] and summary["data"]["examples"] == 48 and summary["steps"] == 6
+    assert summary["first_example"]["target_text"].endswith("<|im_end|>")
+    assert "length mean" in p.stderr and not out.exists()
+
+
+def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model_dir, chat_file):
+    args = ["--max-steps", "12", "--checkpoint-every", "3", "--set", "train.seed=7"]
+    ref = tmp_path / "ref"
+    p = run_train(*common(tiny_model_dir, chat_file, ref, *args))
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "killed"
+    env = {**train_env(), "TUNELAB_TRAIN_STEP_SLEEP": "0.3"}
+    proc = subprocess.Popen(tunelab_cmd("train", *common(tiny_model_dir, chat_file, out, *args)), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    latest = out / "checkpoints" / "latest"
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() >= "step-000006":
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert not (out / "adapter").exists()
+    killed_at = len(losses(out))
+    assert 6 <= killed_at < 12
+    p = run_train(*common(tiny_model_dir, chat_file, out, *args), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from step-0000" in p.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["steps"] == 12 and rep["resumed_from"] in (6, 9)
+    got, want = losses(out), losses(ref)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
+    assert got == pytest.approx(want, rel=2e-3, abs=1e-4)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_accelerate_launch_matches_one_process(tmp_path, tiny_model_dir, chat_file):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    out2 = tmp_path / "ddp"
+    args = common(tiny_model_dir, chat_file, out2, "--max-steps", "3")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "tunelab.cli", "train", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads((out2 / "report.json").read_text())
+    assert rep["processes"] == 2
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+                              str(out2 / "adapter"))
+    # One process with 2 micro-batches of 4 takes the same steps as 2 processes with one micro-batch each.
+    out1 = tmp_path / "single"
+    p = run_train(*common(tiny_model_dir, chat_file, out1, "--max-steps", "3"))
+    assert p.returncode == 0, p.stderr
+    assert losses(out2) == pytest.approx(losses(out1), rel=2e-3)
+
+
+def test_merge_writes_hf_dir_and_checks_greedy_equality(tmp_path, tiny_model_dir, chat_file):
+    out = tmp_path / "run"
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "4", "--lr", "5e-2"))
+    assert p.returncode == 0, p.stderr
+    merged = tmp_path / "merged"
+    m = subprocess.run(tunelab_cmd("merge", str(out), "--out", str(merged), "--max-new-tokens", "8"),
+                       capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=240)
+    assert m.returncode == 0, m.stderr
+    assert "merge check passed" in m.stderr
+    assert (merged / "model.safetensors").is_file() and (merged / "config.json").is_file()
+    assert (merged / "chat_template.jinja").is_file() and not list(merged.glob("*.bin"))
+    check = json.loads((merged / "merge_check.json").read_text())
+    assert check["identical"] and check["probes"] >= 3
+    # A merge that changed behaviour must fail loudly: merge into a different base than the adapter's.
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "model.safetensors"))
+    save_file({k: (v * 1.5 if "mlp" in k else v) for k, v in w.items()}, str(other / "model.safetensors"),
+              metadata={"format": "pt"})
+    from tunelab.train import merge as merge_mod
+
+    calls = []
+    real_greedy = merge_mod.greedy
+
+    def flaky(model, tok, prompts, n):  # the merged model (second call) answers differently
+        calls.append(1)
+        outs = real_greedy(model, tok, prompts, n)
+        return outs if len(calls) == 1 else [o[:-1] + [(o[-1] + 1) % 100] for o in outs]
+
+    merge_mod.greedy = flaky
+    try:
+        with pytest.raises(merge_mod.MergeCheckError, match="merge check FAILED"):
+            merge_mod.merge_adapter(out, tmp_path / "bad", model=str(other), max_new_tokens=4, log=lambda s: None)
+    finally:
+        merge_mod.greedy = real_greedy
+    assert json.loads((tmp_path / "bad" / "merge_check.json").read_text())["identical"] is False
+    assert torch  # noqa
+
+
+def test_full_and_pretrain_save_complete_hf_dirs(tmp_path, tiny_model_dir, chat_file):
+    out = tmp_path / "full"
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--method", "full", "--lr", "1e-3"))
+    assert p.returncode == 0, p.stderr
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": r["text"]} for r in reviews(40)])
+    out2 = tmp_path / "pre"
+    p = run_train("--method", "pretrain", "--model", str(out / "model"), "--data", str(texts), "--out", str(out2),
+                  "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32")
+    assert p.returncode == 0, p.stderr
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for d in (out / "model", out2 / "model"):
+        assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
+        AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    rep = json.loads((out2 / "report.json").read_text())
+    assert rep["data"]["target_share"] > 0.9 and rep["parameters"]["trainable_share"] == 1.0
+
+
+@pytest.mark.parametrize("content,where", [
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [}\n',
+     "bad.jsonl:2: malformed JSON"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "yo"}]}\n',
+     "bad.jsonl:1: no assistant answer"),
+])
+def test_bad_data_exits_2_with_file_and_line(tmp_path, tiny_model_dir, content, where):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content, encoding="utf-8")
+    p = run_train("--model", str(tiny_model_dir), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2, p.stderr
+    assert where in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_config_exits_2_with_field(tmp_path, tiny_model_dir, chat_file):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"method: lora\ndata: {{path: {chat_file}}}\nlora: {{rank: 8}}\n", encoding="utf-8")
+    p = run_train(str(cfg))
+    assert p.returncode == 2 and "t.yaml" in p.stderr and "lora.rank: unknown field" in p.stderr
+    p = run_train(*common(tiny_model_dir, chat_file, tmp_path / "o"), "--batch-size", "100")
+    assert p.returncode == 2 and "fewer than train.batch_size" in p.stderr
+
+
+@pytest.mark.model
+def test_bundled_model_smoke(tmp_path):
+    """The bundled SmolLM2 trains a few steps on a handful of reviews; `tunelab eval --adapter` loads the result."""
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(8))
+    out = tmp_path / "run"
+    p = run_train("--data", str(data), "--out", str(out), "--max-steps", "2", "--batch-size", "4",
+                  "--micro-batch-size", "4", env={**train_env(2)})
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["parameters"]["total"] > 100_000_000 and 0 < rep["parameters"]["trainable_share"] < 0.1
+    assert all(h["loss"] == h["loss"] for h in rep["history"])
+    from tunelab.models.local import LocalModel
+
+    m = LocalModel(None, adapter=out / "adapter")
+    msgs = chat_rows(1)[0]["messages"][:-1]
+    scores = m.score_choices([msgs], ["Positive", "Negative"])
+    assert len(scores[0].logprobs) == 2

@@ -1,0 +1,130 @@
+"""`tunelab generate CONFIG.yaml`: teacher-model training data (label, respond, self-instruct)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
+
+
+def generate_cmd(
+    config: Path = typer.Argument(..., help="Generate config YAML (see examples/generate/ and docs/generate.md)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: output.dir or "
+                                                                 "runs/generate/<name>). Rerun to resume."),
+    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1,
+                                        help="Use only the first N inputs (self-instruct: N new tasks)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count requests, tokens and cost; send nothing."),
+    batch_api: bool = typer.Option(False, "--batch-api",
+                                   help="Write an OpenAI Batch API input file instead of calling the teacher."),
+    batch_results: List[Path] = typer.Option([], "--batch-results",
+                                             help="Ingest a Batch API results file (repeatable), then export."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the response cache."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, max=1024,
+                                              help="Requests in flight (overrides teacher.concurrency)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Teacher model (overrides teacher.model)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Endpoint (overrides teacher.base_url)."),
+    eval_set: Optional[Path] = typer.Option(None, "--eval-set",
+                                            help="Report overlap of the generated data with this eval set."),
+) -> None:
+    """Have a teacher model label texts, answer questions, or invent tasks; write validated training data.
+
+    Crash-safe: every answer goes to a journal first, and rerunning the same command resumes."""
+    from tunelab.generate.runner import RunOptions, run_generate
+
+    if not config.is_file():
+        from tunelab.errors import ConfigError
+
+        raise ConfigError(f"no such file: {config}")
+    opts = RunOptions(out=out, limit=limit, dry_run=dry_run, batch_api=batch_api, batch_results=list(batch_results),
+                      use_cache=not no_cache, concurrency=concurrency, model=model, base_url=base_url,
+                      eval_set=eval_set)
+    progress = None
+    if err_console.is_terminal and not dry_run:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=err_console, transient=True)
+        task = progress.add_task("teacher", total=None)
+        opts.progress = lambda done, total: progress.update(task, completed=done, total=total)
+        progress.start()
+    try:
+        stats = run_generate(config, opts)
+    finally:
+        if progress is not None:
+            progress.stop()
+    if stats.get("dry_run"):
+        _print_dry_run(stats)
+    else:
+        _print_summary(stats)
+
+
+def _print_dry_run(s: dict) -> None:
+    console.print(f"dry run ({s['pipeline']}, teacher {s['teacher']} at {s['endpoint']}): nothing was sent",
+                  highlight=False)
+    console.print(f"  requests to send: {s['requests_to_send']:,} ({s['already_done']:,} already in the journal)")
+    console.print(f"  prompt tokens (estimate): {s['prompt_tokens_est']:,}; completion tokens at most: "
+                  f"{s['max_completion_tokens']:,}")
+    if s.get("max_cost_usd") is not None:
+        console.print(f"  cost at most: ${s['max_cost_usd']:.4f}")
+    if s.get("note"):
+        console.print(f"  note: {s['note']}", highlight=False)
+
+
+def _print_summary(s: dict) -> None:
+    t = Table(title=f"generate {s['name']}: {s['pipeline']}, teacher {s['teacher']['model']}", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    r = s["requests"]
+    kept = f"{s['kept']:,}"
+    if s.get("inputs"):
+        kept += f" rows from {s['inputs']:,} inputs"
+    t.add_row("kept", kept)
+    drops = s["dropped"]["by_reason"]
+    t.add_row("dropped", ", ".join(f"{k} {v}" for k, v in drops.items()) or "none")
+    if s["pending"]:
+        t.add_row("pending", f"{s['pending']:,} (rerun to finish)")
+    retries = ", ".join(f"{k}: {v}" for k, v in r["retries"].items())
+    t.add_row("answers", f"{r['fetched']:,} from the teacher, {r['from_journal']:,} resumed, {r['from_cache']:,} "
+                         f"cached" + (f"; retries {retries}" if retries else "")
+              + (f"; repairs {r['repairs_ok']}/{r['repairs_asked']}" if r["repairs_asked"] else ""))
+    if r["failed"]:
+        t.add_row("failed requests", ", ".join(f"{k} {v}" for k, v in r["failed"].items())
+                  + " (asked again on the next run)")
+    tok = s["tokens"]
+    cost = f"; est. ${s['cost_usd']:.4f}" if s.get("cost_usd") is not None else ""
+    t.add_row("tokens", f"{tok['prompt']:,} prompt + {tok['completion']:,} completion{cost}")
+    lat = s["latency_ms"]
+    if lat.get("n"):
+        t.add_row("latency", f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms over {lat['n']:,} requests")
+    if "agreement_with_gold" in s:
+        a = s["agreement_with_gold"]
+        t.add_row("agreement with gold", f"{a['rate'] * 100:.1f}% of {a['n']:,}")
+    if "teacher_accuracy" in s:
+        a = s["teacher_accuracy"]
+        t.add_row("teacher accuracy", f"{a['rate'] * 100:.1f}% of {a['n']:,}")
+    if s.get("contamination"):
+        c = s["contamination"]
+        t.add_row("contamination", f"{c['contaminated']:,} of {c['rows_checked']:,} rows overlap the eval set "
+                                   f"({c['exact']} exact, {c['ngram']} {c['ngram_n']}-gram)")
+    console.print(t)
+    if s.get("stopped"):
+        console.print(f"stopped early: {s['stopped']}; rerun with a larger budget to continue", highlight=False)
+    if s.get("batch_input"):
+        console.print("Batch API input: " + ", ".join(s["batch_input"]), highlight=False)
+        console.print("  upload it (openai api files.create -p batch), create a batch for /v1/chat/completions, "
+                      "then rerun with --batch-results RESULTS.jsonl", highlight=False)
+    for name, path in s["outputs"].items():
+        console.print(f"{name}: {path}", highlight=False)
+    console.print(f"stats: {Path(s['outputs']['data']).parent / 'stats.json'}", highlight=False)
+    sys.stdout.flush()

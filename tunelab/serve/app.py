@@ -1,0 +1,154 @@
+"""Build the FastAPI app for one base model and its adapters, and run it (in the foreground or a thread)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException
+
+from tunelab import __version__
+from tunelab.errors import ConfigError, ModelError
+from tunelab.serve.adapters import AdapterError, AdapterRegistry
+from tunelab.serve.config import ServeConfig
+from tunelab.serve.engine import Engine
+from tunelab.serve.errors import error_body, install_error_handlers
+from tunelab.serve.router import admin, public, v1
+from tunelab.serve.serving import OpenAIServing
+
+log = logging.getLogger("tunelab.serve")
+
+DESCRIPTION = """An OpenAI-compatible server over one base model and any number of LoRA adapters.
+Send an adapter's name as `model` to use it; `GET /v1/models` lists what is served."""
+
+
+class BodyLimit:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes`` (declared or actually sent)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # FastAPI passes an HTTPException through its body parsing
+                    raise HTTPException(413, f"the request body is larger than this server accepts "
+                                             f"({self.max_bytes} bytes)")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except HTTPException as e:  # raised outside a route (no handler saw it)
+            if e.status_code != 413:
+                raise
+            await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        import json
+
+        body = json.dumps(error_body(413, f"the request body is larger than this server accepts "
+                                          f"({self.max_bytes} bytes)", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def load_base(config: ServeConfig):
+    from tunelab.models.local import LocalModel
+
+    if config.model and str(config.model).startswith("openai:"):
+        raise ModelError("tunelab serve needs a local base model (bundled, an HF directory or a .gguf file)")
+    return LocalModel(config.model, device=config.device, dtype=config.dtype)
+
+
+def build_app(config: ServeConfig, lm=None) -> FastAPI:
+    """The app; ``lm`` (a LocalModel the server may own and modify: adapters attach to it) defaults to
+    loading ``config.model``. The engine thread starts and stops with the app's lifespan."""
+    registry = AdapterRegistry()
+    for name, path in config.adapters.items():  # checked before the (slower) model load
+        try:
+            registry.register(name, path)
+        except AdapterError as e:
+            raise ConfigError(str(e), where=f"--adapter {name}") from None
+    lm = lm if lm is not None else load_base(config)
+    base_id = config.served_model_name or lm.name
+    if registry.get(base_id) is not None:
+        raise ConfigError(f"adapter name {base_id!r} is the base model's name; pick another", where="--adapter")
+    engine = Engine(lm, registry, max_batch=config.max_batch, max_prefill_tokens=config.max_prefill_tokens,
+                    max_loaded_adapters=config.max_loaded_adapters, max_concurrent=config.max_concurrent)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        log.info("serving %s with %d adapter(s); max batch %d", base_id, len(registry), config.max_batch)
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="tunelab serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.serving = OpenAIServing(config, lm, engine, registry)
+    app.state.api_key = config.api_key_value()
+    app.state.engine = engine
+    app.include_router(v1)
+    app.include_router(admin)
+    app.include_router(public)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread (tests, benchmarks, notebooks)::
+
+        with ServerThread(build_app(ServeConfig())) as srv:
+            OpenAI(base_url=srv.url + "/v1", api_key="-")...
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                     timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(self.config)
+        self._thread = threading.Thread(target=self.server.run, name="tunelab-serve", daemon=True)
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(30)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

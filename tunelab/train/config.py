@@ -1,0 +1,214 @@
+"""TrainConfig: the YAML of `tunelab train`, validated on load (errors name the file and the field).
+
+Input paths inside a config file are relative to that file; ``out`` and paths given on the command line are
+relative to the current directory. Every field has a default except ``data.path`` (and ``data.prompt`` for the
+prompt format), so the smallest config is three lines::
+
+    method: lora
+    data: {path: reviews.jsonl, prompt: sentiment_binary.yaml}
+    out: runs/train/sentiment
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tunelab.config import StrictModel, load_yaml, validate_as
+from tunelab.errors import ConfigError
+
+Method = Literal["lora", "full", "pretrain"]
+DataFormat = Literal["auto", "chat", "alpaca", "sharegpt", "text", "prompt"]
+
+
+class TrainDataConfig(StrictModel):
+    path: str = Field(description="JSONL (chat/alpaca/sharegpt/labelled items/text), a .txt file or a folder of .txt")
+    format: DataFormat = Field("auto", description="auto: by file type and the first record's fields")
+    prompt: str | None = Field(None, description="PromptSpec YAML for labelled items (format: prompt)")
+    limit: int | None = Field(None, ge=1, description="use only the first N records")
+    text_field: str = Field("text", description="field that holds the document (format: text, JSONL)")
+    max_seq_len: int = Field(1024, ge=8, description="longest example in tokens (pretrain: block size)")
+    too_long: Literal["drop", "error"] = Field("drop", description="what to do with longer SFT examples")
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear",
+                                            description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="storage of the frozen base Linear weights; auto: the autocast dtype "
+                            "(saves the per-step weight casts and half their memory)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("give at least one module name, or 'all-linear'")
+        if isinstance(v, str) and v != "all-linear":
+            return [v]
+        return v
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="share of the steps with a linear warmup")
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final lr as a share of lr (cosine/linear)")
+    clip_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping")
+
+
+class LoopConfig(StrictModel):
+    epochs: float = Field(1.0, gt=0, description="may be fractional, e.g. 0.5")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
+    batch_size: int = Field(16, ge=1, description="examples per optimizer step, over all processes")
+    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (grad accumulation = "
+                                                       "batch_size / (micro_batch_size x processes))")
+    packing: bool = Field(True, description="padding-free rows: sequences concatenated with per-sequence "
+                                            "positions and a block-diagonal causal mask")
+    pack_len: int = Field(1024, ge=8, description="attention 'mask': longest packed row in tokens")
+    attention: Literal["varlen", "mask"] = Field(
+        "varlen", description="packed rows: varlen = one row, causal attention per sequence (sum of L^2 work); "
+                              "mask = rows of pack_len with a block-diagonal 4D mask (any attention implementation)")
+    seed: int = 0
+    dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto: bf16 on CPUs "
+                                                                              "with native bf16 and on CUDA")
+    activation_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    log_every: int = Field(1, ge=1)
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
+    keep: int = Field(2, ge=1, description="keep the last N checkpoints")
+
+
+class BeforeAfterEval(StrictModel):
+    config: str | None = Field(None, description="tunelab eval config; its models are replaced by before/after")
+    data: str | None = Field(None, description="or: held-out labelled items scored with the training PromptSpec")
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> "BeforeAfterEval":
+        if (self.config is None) == (self.data is None):
+            raise ValueError("give either eval.config (an eval YAML) or eval.data (held-out items)")
+        return self
+
+
+class ForgettingProbe(StrictModel):
+    data: str = Field(description="general chat/alpaca/text data the task does not train; "
+                                  "reported as perplexity on its answers before and after")
+    format: DataFormat = "auto"
+    limit: int | None = Field(64, ge=1)
+
+
+class TrainConfig(StrictModel):
+    name: str | None = None
+    method: Method = "lora"
+    model: str | None = Field(None, description="'bundled' (default), an HF directory or a .gguf file")
+    out: str = Field("runs/train", description="output directory (adapter/, model/, checkpoints/, report)")
+    data: TrainDataConfig
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: BeforeAfterEval | None = None
+    forgetting: ForgettingProbe | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        t = self.train
+        if t.batch_size % t.micro_batch_size:
+            raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                             f"({t.micro_batch_size})")
+        if self.data.format == "prompt" and not self.data.prompt:
+            raise ValueError("data.format 'prompt' needs data.prompt (a PromptSpec YAML)")
+        if self.eval is not None and self.eval.data and not self.data.prompt:
+            raise ValueError("eval.data scores held-out items with the training PromptSpec: set data.prompt, "
+                             "or use eval.config")
+        if self.method == "pretrain" and self.data.format not in ("auto", "text"):
+            raise ValueError("method 'pretrain' trains on raw text: set data.format to 'text' (or auto)")
+        return self
+
+
+def set_field(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict (command-line overrides), creating sections as needed."""
+    parts = dotted.split(".")
+    cur = data
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if nxt is None:
+            nxt = cur[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section", where="<command line>")
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+PATH_FIELDS = ("data.path", "data.prompt", "out", "model", "eval.config", "eval.data", "forgetting.data")
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    cur: Any = data
+    for p in dotted.split("."):
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return cur
+
+
+def _absolute(value: Any, base_dir: Path, key: str) -> Any:
+    """A relative path made absolute; model names such as 'bundled' that are not files stay as they are."""
+    if not isinstance(value, str):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return value
+    if key == "model" and not (base_dir / p).exists():
+        return value
+    return str((base_dir / p).resolve())
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None,
+                      sets: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a config file (or start from nothing) and apply ``{"dotted.field": value}`` overrides.
+
+    Input paths in the file are relative to its folder; ``out`` and paths given as overrides are relative
+    to the current directory. ``None`` overrides are ignored (a flag that was not given); ``sets``
+    (``--set FIELD=VALUE``) apply as given, so ``--set checkpoint.every_steps=null`` unsets a field.
+    """
+    data: dict[str, Any] = {}
+    source = "<command line>"
+    if path is not None:
+        raw = load_yaml(path)
+        if raw is None:
+            raise ConfigError("the file is empty", where=str(path))
+        if not isinstance(raw, dict):
+            raise ConfigError("expected a mapping of fields at the top level", where=str(path))
+        data = raw
+        source = str(path)
+        base = Path(path).resolve().parent
+        for key in PATH_FIELDS:
+            if key == "out":  # outputs go where the command runs, like `tunelab eval --out`
+                continue
+            v = _get(data, key)
+            if v is not None:
+                set_field(data, key, _absolute(v, base, key))
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given.update(sets or {})
+    for key, value in given.items():
+        fix = key in PATH_FIELDS and value is not None
+        set_field(data, key, _absolute(value, Path.cwd(), key) if fix else value)
+    if given and path is not None:
+        source += " (with command-line overrides)"
+    if "data" not in data:
+        raise ConfigError("data: required field is missing (give --data FILE or a data: section)", where=source)
+    return validate_as(TrainConfig, data, source)

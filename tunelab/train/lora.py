@@ -1,0 +1,90 @@
+"""Recipe: LoRA through PEFT. The base stays frozen; small A, B matrices per target module are trained.
+
+    load base (fp32) -> forgetting probe (before) -> attach LoRA -> frozen Linear weights to the autocast dtype
+    -> fit -> OUT/adapter (PEFT dir + chat_template.jinja + prompt_spec.yaml) -> probe, eval, report
+
+Run: ``tunelab train --method lora --prompt SPEC.yaml --data FILE.jsonl --out DIR`` or
+``tunelab train examples/train/nsmc_lora.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tunelab.train import report
+from tunelab.train.config import LoraSettings, TrainConfig
+from tunelab.train.loop import Run, fit, load_base_model, start_run
+
+
+def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None = None) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, cfg)
+    # Let lora_A read its input in the dtype it arrives in (bf16 under autocast): PEFT would otherwise copy it
+    # to fp32 first, only for autocast to cast it back for the matmul (same numbers, two more saved copies).
+    for m in model.modules():
+        if hasattr(m, "lora_A"):
+            m.cast_input_dtype_enabled = False
+    dtype = frozen_dtype(settings, run.autocast if run is not None else None)
+    if dtype is not None:
+        cast_frozen_linears(model, dtype)
+    return model
+
+
+def frozen_dtype(settings: LoraSettings, autocast: torch.dtype | None) -> torch.dtype | None:
+    if settings.frozen_dtype == "bfloat16":
+        return torch.bfloat16
+    if settings.frozen_dtype == "auto" and autocast is not None:
+        return autocast
+    return None
+
+
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen Linear weights in ``dtype``: autocast would cast them to it on every call anyway.
+
+    Embeddings, norms and anything tied to the embeddings (the lm_head of SmolLM2) stay fp32, so the residual
+    stream keeps its precision. Returns the number of weights cast.
+    """
+    emb = model.get_input_embeddings().weight
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not emb \
+                and m.weight.dtype != dtype:
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+            n += 1
+    return n
+
+
+def save_adapter(run: Run, model, target: Path | None = None) -> Path:
+    """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training."""
+    target = target or run.out / "adapter"
+    target.mkdir(parents=True, exist_ok=True)
+    unwrapped = run.accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(str(target), safe_serialization=True)
+    report.write_inference_files(run, target)
+    return target
+
+
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
+    r = start_run(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    report.show_preview(r)
+    if dry_run:
+        return report.dry_run_summary(r)
+    model = load_base_model(r)
+    probe = report.ForgettingProbe.create(r)
+    probe.measure_before(r, model)
+    model = attach_lora(model, cfg.lora, r)
+    params = report.parameter_summary(model)
+    r.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: "
+          f"{params['trainable']:,} trainable of {params['total']:,} ({params['trainable_share']:.2%})")
+    result = fit(r, model)
+    artifact = save_adapter(r, model) if r.is_main else r.out / "adapter"
+    probe.measure_after(r, model)
+    del model
+    return report.finish(r, result, params, probe, artifact=artifact, kind="adapter")

@@ -1,0 +1,469 @@
+"""What a training run shows and leaves behind: the data preview before training, the forgetting probe, the
+before/after eval (through ``tunelab.evaluate.runner.EvalRunner``), and ``report.json`` + ``report.html``
+(trainable parameters, peak RSS, tok/s, an MFU estimate, the loss curve, eval before/after with intervals).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.train.data import (TrainData, dump_example, end_of_turn_marker, eos_supervised, load_train_data)
+from tunelab.train.loop import FitResult, Run, count_parameters, env_info, make_plan, mean_nll, peak_rss_gb, \
+    write_json
+
+
+# --------------------------------------------------------------------------------------------------
+# before training: preview and token statistics
+# --------------------------------------------------------------------------------------------------
+def marked_text(tokens: list[tuple[str, bool]]) -> str:
+    """The example's text with every run of target tokens in ⟦…⟧."""
+    out, inside = [], False
+    for text, target in tokens:
+        if target and not inside:
+            out.append("⟦")
+        if not target and inside:
+            out.append("⟧")
+        inside = target
+        out.append(text)
+    if inside:
+        out.append("⟧")
+    return "".join(out)
+
+
+def show_preview(run: Run) -> dict[str, Any]:
+    """Print the token statistics and the first example with its supervised tokens marked; check the EOS."""
+    from tunelab.errors import DataError
+    from tunelab.train.data import supervision_preview
+
+    data, tok = run.data, run.tokenizer
+    stats = data.stats.as_dict()
+    first = data.examples[0]
+    eot = end_of_turn_marker(tok) if data.format != "text" else None
+    eos_ok = eos_supervised(first, tok, eot)
+    info = {"format": data.format, "path": str(data.path), "stats": stats, "first_example": first.where,
+            "first_targets": first.n_targets, "eos_supervised": eos_ok}
+    if not run.is_main:
+        return info
+    text = marked_text(supervision_preview(first, tok))
+    plan = make_plan(run.cfg, len(data.examples))
+    t = run.cfg.train
+    accum = max(1, math.ceil(t.batch_size // run.world / t.micro_batch_size))
+    lines = [
+        f"data: {data.path} ({data.format}), {stats['examples']:,} examples, {stats['tokens']:,} tokens, "
+        f"{stats['target_tokens']:,} targets ({stats['target_share']:.1%})",
+        f"  length mean {stats['length_mean']}, p50 {stats['length_p50']}, p95 {stats['length_p95']}, "
+        f"max {stats['length_max']}" + (f"; {stats['dropped_too_long']} dropped (> data.max_seq_len "
+                                         f"{run.cfg.data.max_seq_len})" if stats["dropped_too_long"] else ""),
+        f"plan: {plan.total_steps} steps of {t.batch_size} examples ({plan.steps_per_epoch} per epoch), "
+        f"micro-batch {t.micro_batch_size} x {accum} accumulation x {run.world} process(es), "
+        f"{'packed' if t.packing else 'padded'}, warmup {plan.warmup}, autocast {run.autocast or 'off'}, "
+        f"device {run.device}",
+        f"first example ({first.where}), {len(first)} tokens, {first.n_targets} supervised, marked ⟦…⟧:",
+    ]
+    for ln in lines:
+        run.log(ln)
+    run.log(text)
+    if data.format != "text":
+        if not eos_ok:
+            msg = (f"the end-of-turn token {eot!r} is not among the supervised tokens of the first example: "
+                   "the model would not learn to stop")
+            special = tok.convert_tokens_to_ids(eot) if eot else None
+            if isinstance(special, int) and special != tok.unk_token_id:
+                raise DataError(msg, where=first.where)
+            run.log("warning: " + msg)
+        else:
+            run.log(f"end-of-turn {eot!r} is supervised: ok")
+    return info
+
+
+def dry_run_summary(run: Run) -> dict[str, Any]:
+    plan = make_plan(run.cfg, len(run.data.examples))
+    out = {"dry_run": True, "method": run.cfg.method, "model": str(run.model_path), "data": run.data.stats.as_dict(),
+           "format": run.data.format, "steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+           "warmup_steps": plan.warmup, "first_example": json.loads(dump_example(run.data.examples[0], run.tokenizer))}
+    run.log("dry run: nothing was trained")
+    return out
+
+
+def parameter_summary(model: torch.nn.Module) -> dict[str, Any]:
+    return count_parameters(model)
+
+
+def write_inference_files(run: Run, target: Path) -> None:
+    """The exact chat template and PromptSpec used, so eval and serve render the same tokens as training."""
+    tmpl = getattr(run.tokenizer, "chat_template", None)
+    if isinstance(tmpl, str):
+        (target / "chat_template.jinja").write_text(tmpl, encoding="utf-8")
+    meta: dict[str, Any] = {"method": run.cfg.method, "base_model": run.cfg.model or "bundled",
+                            "base_model_path": str(run.model_path), "data": str(run.data.path),
+                            "format": run.data.format}
+    if run.cfg.data.prompt:
+        write_prompt_spec(run.cfg.data.prompt, run.data.spec, target / "prompt_spec.yaml")
+        spec = run.data.spec
+        if spec is not None and hasattr(spec, "content_hash"):
+            meta["prompt_spec_hash"] = spec.content_hash()
+        meta["prompt_spec_source"] = run.cfg.data.prompt
+    meta["config"] = run.cfg.model_dump(mode="json")
+    write_json(target / "tunelab_train.json", meta)
+
+
+def write_prompt_spec(source: str, spec: Any, target: Path) -> None:
+    """The spec as trained: the file itself, or (few-shot examples drawn from a file) a self-contained copy
+    with the examples inline, so the adapter directory does not depend on paths next to the original."""
+    examples = getattr(spec, "examples", None)
+    if spec is None or isinstance(examples, list) or not hasattr(spec, "resolve_examples"):
+        shutil.copyfile(source, target)
+        return
+    import yaml
+
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["examples"] = [e.model_dump(mode="json", exclude_none=True) for e in spec.resolve_examples()]
+    target.write_text(f"# {Path(source).name} as trained (few-shot examples resolved inline)\n"
+                      + yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# forgetting probe
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ForgettingProbe:
+    """Perplexity on general data the task does not train, before and after (the same model in memory)."""
+
+    data: TrainData | None = None
+    before: float | None = None
+    after: float | None = None
+
+    @classmethod
+    def create(cls, run: Run) -> "ForgettingProbe":
+        f = run.cfg.forgetting
+        if f is None:
+            return cls()
+        from tunelab.train.config import TrainDataConfig
+
+        dc = TrainDataConfig(path=f.data, format=f.format, limit=f.limit, max_seq_len=run.cfg.data.max_seq_len)
+        return cls(load_train_data(dc, run.tokenizer, method="lora"))
+
+    def _nll(self, run: Run, model) -> float:
+        return mean_nll(model, self.data.examples, device=run.device, autocast=run.autocast,
+                        pad_id=run.tokenizer.pad_token_id or 0)
+
+    def measure_before(self, run: Run, model) -> None:
+        if self.data is None or not run.is_main:
+            return
+        cached = run.out / "forgetting_before.json"
+        if run.resume and cached.is_file():  # measured before the run was interrupted
+            self.before = json.loads(cached.read_text())["nll"]
+            return
+        self.before = self._nll(run, model)
+        write_json(cached, {"nll": self.before})
+        run.log(f"forgetting probe before: perplexity {math.exp(self.before):.3f} on {len(self.data.examples)} "
+                f"examples of {self.data.path.name}")
+
+    def measure_after(self, run: Run, model) -> None:
+        if self.data is None or not run.is_main:
+            return
+        self.after = self._nll(run, model)
+        run.log(f"forgetting probe after: perplexity {math.exp(self.after):.3f} "
+                f"(before {math.exp(self.before):.3f})")
+
+    def as_dict(self) -> dict[str, Any] | None:
+        if self.data is None or self.before is None:
+            return None
+        d = {"data": str(self.data.path), "examples": len(self.data.examples),
+             "target_tokens": self.data.stats.target_tokens, "nll_before": round(self.before, 5),
+             "perplexity_before": round(math.exp(self.before), 4)}
+        if self.after is not None:
+            d.update(nll_after=round(self.after, 5), perplexity_after=round(math.exp(self.after), 4),
+                     perplexity_change_pct=round((math.exp(self.after - self.before) - 1) * 100, 2))
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# before/after eval (EvalRunner)
+# --------------------------------------------------------------------------------------------------
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def paired_comparison(before: dict[str, bool], after: dict[str, bool]) -> dict[str, Any]:
+    """Accuracy before/after on the same items: difference with a 95% interval and an exact McNemar test."""
+    from scipy.stats import binomtest
+
+    ids = sorted(set(before) & set(after))
+    n = len(ids)
+    if n == 0:
+        return {"n": 0}
+    b = sum(before[i] for i in ids)
+    a = sum(after[i] for i in ids)
+    gained = sum(after[i] and not before[i] for i in ids)
+    lost = sum(before[i] and not after[i] for i in ids)
+    d = [(after[i] - before[i]) for i in ids]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    p = float(binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
+    return {"n": n, "before": b / n, "before_ci": wilson(b, n), "after": a / n, "after_ci": wilson(a, n),
+            "diff": mean, "diff_ci": (mean - half, mean + half), "gained": gained, "lost": lost,
+            "mcnemar_p": p, "significant": bool(p < 0.05)}
+
+
+def before_after_eval(run: Run, artifact: Path, kind: str) -> dict[str, Any] | None:
+    """Run the same eval config on the base model and on the trained one (one EvalRunner, two models)."""
+    e = run.cfg.eval
+    if e is None:
+        return None
+    from tunelab.config import EvalConfig, ModelConfig, validate_as
+    from tunelab.evaluate.runner import EvalRunner, load_eval_config
+
+    if e.config:
+        cfg = load_eval_config(e.config)
+        base_dir = Path(e.config).parent
+    else:
+        cfg = validate_as(EvalConfig, {"name": "before/after", "data": {"path": e.data},
+                                       "variants": {"trained": run.cfg.data.prompt}}, "eval.data")
+        base_dir = Path.cwd()
+    before = ModelConfig(name="before", model=run.cfg.model)
+    after = (ModelConfig(name="after", model=run.cfg.model, adapter=str(artifact)) if kind == "adapter"
+             else ModelConfig(name="after", model=str(artifact)))
+    cfg = validate_as(EvalConfig, {**cfg.model_dump(), "models": [before.model_dump(), after.model_dump()]},
+                      e.config or "eval.data")
+    t0 = time.perf_counter()
+    runner = EvalRunner(cfg, base_dir, run.out / "eval", limit=e.limit, use_cache=True)
+    summary, rows = runner.run()
+    write_json(run.out / "eval" / "summary.json", summary)
+    _forget_loaded_models()
+    out: dict[str, Any] = {"config": e.config or e.data, "items": summary.get("n_items"),
+                           "metric": summary.get("metric"), "wall_s": round(time.perf_counter() - t0, 1),
+                           "variants": {}}
+    for variant in sorted({r["variant"] for r in rows}):
+        by = {m: {r["item_id"]: bool(r["correct"]) for r in rows
+                  if r["variant"] == variant and r["model"] == m and r.get("sample", 0) == 0
+                  and r.get("correct") is not None} for m in ("before", "after")}
+        out["variants"][variant] = paired_comparison(by["before"], by["after"])
+    return out
+
+
+def _forget_loaded_models() -> None:
+    try:
+        from tunelab import models
+
+        models._LOADED.clear()
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# throughput and MFU
+# --------------------------------------------------------------------------------------------------
+def measured_matmul_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul in the training dtype on this machine now: the reference for MFU."""
+    n = 1024
+    dt = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_token(model_config: Any, method: str, mean_row_len: float, target_share: float,
+                    recompute: bool) -> float:
+    """Approximate training FLOPs per token of a Llama-style decoder (forward = 2 x matmul params)."""
+    d = model_config.hidden_size
+    L = model_config.num_hidden_layers
+    inter = model_config.intermediate_size
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", heads)
+    hd = getattr(model_config, "head_dim", d // heads)
+    linear = L * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter)
+    fwd = 2 * linear + 4 * L * mean_row_len * heads * hd  # matmuls + attention scores and values
+    head = 2 * d * model_config.vocab_size * target_share
+    passes = 3 if method in ("full", "pretrain") else 2  # LoRA: no weight gradients for the frozen base
+    total = passes * (fwd + head)
+    if recompute:
+        total += fwd
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# the end of a run
+# --------------------------------------------------------------------------------------------------
+def finish(run: Run, result: FitResult, params: dict[str, Any], probe: ForgettingProbe, *, artifact: Path,
+           kind: str) -> dict[str, Any]:
+    run.accelerator.wait_for_everyone()
+    if not run.is_main:
+        return {}
+    from transformers import AutoConfig
+
+    stats = run.data.stats.as_dict()
+    mcfg = AutoConfig.from_pretrained(str(run.model_path))
+    t = run.cfg.train
+    mean_len = min(max(stats["length_mean"], 1), t.pack_len) if not t.packing else \
+        min(t.pack_len, stats["length_mean"] * t.micro_batch_size)
+    fpt = flops_per_token(mcfg, run.cfg.method, mean_len, stats["target_share"], t.activation_checkpointing)
+    peak = measured_matmul_flops(run.device, run.autocast)
+    mfu = result.tok_s * fpt / peak if peak else None
+    ev = None
+    try:
+        ev = before_after_eval(run, artifact, kind)
+    except Exception as e:  # noqa: BLE001 - the trained artifact is saved; report the eval failure, do not lose it
+        run.log(f"warning: before/after eval failed: {type(e).__name__}: {e}")
+        ev = {"error": f"{type(e).__name__}: {e}"}
+    losses = [h["loss"] for h in result.history]
+    rep = {
+        "name": run.cfg.name or run.out.name, "method": run.cfg.method, "base_model": run.cfg.model or "bundled",
+        "artifact": str(artifact), "artifact_kind": kind, "out": str(run.out),
+        "parameters": params, "data": {"path": str(run.data.path), "format": run.data.format, **stats},
+        "steps": result.steps, "resumed_from": result.resumed_from, "processes": run.world,
+        "tokens": result.tokens, "target_tokens": result.target_tokens,
+        "train_seconds": round(result.train_seconds, 2), "tok_s": round(result.tok_s, 2),
+        "peak_rss_gb": round(result.peak_rss_gb, 3), "peak_rss_gb_with_eval": round(peak_rss_gb(), 3),
+        "autocast": str(run.autocast) if run.autocast else None,
+        "device": str(run.device),
+        "mfu": {"estimate": round(mfu, 4) if mfu is not None else None, "flops_per_token": round(fpt),
+                "reference_flops": round(peak), "reference": f"measured {run.autocast or torch.float32} 1024^3 "
+                                                              "matmul on this machine at the end of the run"},
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "last10_mean": sum(losses[-10:]) / len(losses[-10:]) if losses else None},
+        "history": result.history, "forgetting": probe.as_dict(), "eval": ev,
+        "config": run.cfg.model_dump(mode="json"), "environment": env_info(),
+    }
+    write_json(run.out / "report.json", rep)
+    write_html(run.out / "report.html", rep)
+    run.log(f"done: {result.steps} steps, loss {rep['loss']['first']:.4f} -> {rep['loss']['last']:.4f}, "
+            f"{rep['tok_s']:.0f} tok/s, peak RSS {rep['peak_rss_gb']:.2f} GB; {kind}: {artifact}")
+    if ev and "variants" in ev:
+        for v, c in ev["variants"].items():
+            if c.get("n"):
+                lo, hi = c["diff_ci"]
+                run.log(f"eval {v}: {c['before']:.1%} -> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI "
+                        f"[{lo * 100:+.1f}, {hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g}, n={c['n']})")
+    run.log(f"report: {run.out / 'report.html'}")
+    return rep
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------------
+def loss_svg(history: list[dict[str, Any]]) -> str:
+    if not history:
+        return "<p>no steps</p>"
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], lw=1, label="loss")
+    if len(history) >= 10:
+        k = max(2, len(history) // 20)
+        sm = [sum(h["loss"] for h in history[max(0, i - k + 1):i + 1]) / len(history[max(0, i - k + 1):i + 1])
+              for i in range(len(history))]
+        ax.plot(steps, sm, lw=2, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean per target token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    svg = buf.getvalue()
+    return svg[svg.find("<svg"):]
+
+
+def _row(k: str, v: Any) -> str:
+    return f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+
+
+def _mfu_text(m: dict[str, Any]) -> str:
+    if m["estimate"] is None:
+        return "-"
+    return f"{m['estimate']:.1%} of {m['reference_flops'] / 1e9:.0f} GFLOP/s ({m['reference']})"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.1f}%"
+
+
+def write_html(path: Path, rep: dict[str, Any]) -> None:
+    p = rep["parameters"]
+    d = rep["data"]
+    parts = [f"<h1>tunelab train: {html.escape(rep['name'])}</h1>",
+             "<h2>Run</h2><table>",
+             _row("method", rep["method"]), _row("base model", rep["base_model"]),
+             _row(rep["artifact_kind"], rep["artifact"]),
+             _row("trainable parameters", f"{p['trainable']:,} of {p['total']:,} ({p['trainable_share']:.2%})"),
+             _row("steps", f"{rep['steps']}" + (f" (resumed at {rep['resumed_from']})" if rep["resumed_from"] else "")),
+             _row("processes", rep["processes"]), _row("device / autocast", f"{rep['device']} / {rep['autocast']}"),
+             _row("tokens (targets)", f"{rep['tokens']:,} ({rep['target_tokens']:,})"),
+             _row("train time", f"{rep['train_seconds']:.1f} s"), _row("throughput", f"{rep['tok_s']:.1f} tok/s"),
+             _row("peak RSS (training / with eval)",
+                  f"{rep['peak_rss_gb']:.2f} / {rep['peak_rss_gb_with_eval']:.2f} GB"),
+             _row("MFU (estimate)", _mfu_text(rep["mfu"])),
+             _row("loss first / last", f"{rep['loss']['first']:.4f} / {rep['loss']['last']:.4f}"),
+             "</table>",
+             "<h2>Data</h2><table>",
+             _row("file", f"{d['path']} ({d['format']})"),
+             _row("examples / tokens / targets", f"{d['examples']:,} / {d['tokens']:,} / {d['target_tokens']:,} "
+                                                 f"({d['target_share']:.1%})"),
+             _row("length mean / p50 / p95 / max", f"{d['length_mean']} / {d['length_p50']} / {d['length_p95']} / "
+                                                   f"{d['length_max']}"),
+             "</table>", "<h2>Loss</h2>", loss_svg(rep["history"])]
+    ev = rep.get("eval")
+    if ev:
+        parts.append("<h2>Eval before / after</h2>")
+        if "error" in ev:
+            parts.append(f"<p>failed: {html.escape(ev['error'])}</p>")
+        else:
+            parts.append(f"<p>{html.escape(str(ev['config']))}, {ev['items']} items; 95% intervals (Wilson for "
+                         "accuracies, paired normal for the difference), exact McNemar test.</p>")
+            parts.append("<table><tr><th>variant</th><th>before</th><th>after</th><th>difference</th><th>gained / lost"
+                         "</th><th>p</th></tr>")
+            for v, c in ev["variants"].items():
+                if not c.get("n"):
+                    continue
+                parts.append(
+                    f"<tr><td>{html.escape(v)}</td><td>{_pct(c['before'])} [{_pct(c['before_ci'][0])}, "
+                    f"{_pct(c['before_ci'][1])}]</td><td>{_pct(c['after'])} [{_pct(c['after_ci'][0])}, "
+                    f"{_pct(c['after_ci'][1])}]</td><td>{c['diff'] * 100:+.1f} [{c['diff_ci'][0] * 100:+.1f}, "
+                    f"{c['diff_ci'][1] * 100:+.1f}]</td><td>{c['gained']} / {c['lost']}</td>"
+                    f"<td>{c['mcnemar_p']:.3g}</td></tr>")
+            parts.append("</table>")
+    fg = rep.get("forgetting")
+    if fg:
+        parts += ["<h2>Forgetting probe</h2><table>", _row("data", f"{fg['data']} ({fg['examples']} examples)"),
+                  _row("perplexity before", fg["perplexity_before"])]
+        if "perplexity_after" in fg:
+            parts += [_row("perplexity after", fg["perplexity_after"]),
+                      _row("change", f"{fg['perplexity_change_pct']:+.2f}%")]
+        parts.append("</table>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left}th{background:#f4f4f4}")
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunelab train: {html.escape(rep['name'])}"
+           f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    path.write_text(doc, encoding="utf-8")
