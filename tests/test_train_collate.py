@@ -57,6 +57,29 @@ def test_packed_equals_padded_equals_naive(tiny_llama):
     tiny_llama.zero_grad()
 
 
+def test_varlen_attention_equals_naive(tiny_llama):
+    import copy
+
+    from tunelab.train.loop import use_varlen_attention
+
+    model = copy.deepcopy(tiny_llama)  # the session fixture keeps its own attention
+    assert use_varlen_attention(model)
+    exs = random_examples([5, 17, 9, 30, 3, 12, 2])
+    batch = collate(exs, packing=True, varlen=True)
+    assert batch.shape == (1, sum(map(len, exs))) and batch.attention_mask is None  # one row, no padding
+    assert batch.segments[-1] == batch.n_tokens and len(batch.segments) == len(exs) + 1
+    model.zero_grad()
+    loss = batch_loss(SupervisedLoss(model), batch)
+    loss.backward()
+    got = grads(model)
+    model.zero_grad()
+    ref = naive_loss(model, exs)  # without segments: plain SDPA
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_head_equals_single_pass(tiny_llama):
     exs = random_examples([40, 33, 25], seed=3)
     batch = collate(exs, packing=True, pack_len=128)
@@ -98,15 +121,17 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
     curves = []
-    for packing, ac in ((True, False), (False, False), (True, True)):
+    for packing, ac, attn in ((True, False, "varlen"), (False, False, "varlen"), (True, True, "varlen"),
+                              (True, False, "mask")):
         cfg = TrainConfig.model_validate({
-            "model": str(tiny_model_dir), "out": str(tmp_path / f"out-{packing}-{ac}"), "data": {"path": str(data)},
+            "model": str(tiny_model_dir), "out": str(tmp_path / f"out-{packing}-{ac}-{attn}"), "data": {"path": str(data)},
             "optim": {"lr": 1e-2}, "lora": {"r": 4},
             "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 4, "packing": packing, "pack_len": 256,
-                      "dtype": "float32", "activation_checkpointing": ac}})
+                      "dtype": "float32", "activation_checkpointing": ac, "attention": attn}})
         run = start_run(cfg, log=lambda s: None)
         model = attach_lora(load_base_model(run), cfg.lora, run)
         curves.append([h["loss"] for h in fit(run, model).history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)   # packed == padded
     assert curves[0] == pytest.approx(curves[2], rel=1e-4)   # activation checkpointing changes nothing
+    assert curves[0] == pytest.approx(curves[3], rel=1e-4)   # varlen attention == block-diagonal 4D mask
     assert len(curves[0]) == 3

@@ -1,0 +1,606 @@
+"""The shared training loop and the components every recipe uses.
+
+One optimizer step takes ``batch_size`` examples (over all processes) in a fixed, seeded order, split into
+micro-batches of ``micro_batch_size``; gradients accumulate over them. The loss is the mean over the step's
+target tokens, whatever the packing, micro-batching or number of processes (each micro-batch's summed loss
+is divided by the step's total target count), so a packed and a padded run give the same losses.
+
+The loss applies the output projection only where a target is predicted: the decoder gives hidden states
+``(B, T, C)``, the target positions are gathered to ``(N, C)`` and only those meet the 49k-entry lm_head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
+                                      save_checkpoint)
+from tunelab.train.collate import Batch, collate
+from tunelab.train.config import TrainConfig
+from tunelab.train.data import Example, TrainData
+
+
+# --------------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------------
+class SupervisedLoss(torch.nn.Module):
+    """Summed cross-entropy of a causal LM at the target positions only.
+
+    Wrapping the model in a module keeps DDP/FSDP in charge of the forward (gradient hooks) while the
+    forward itself skips the full-vocabulary logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, head_chunk: int = 2048):
+        super().__init__()
+        self.model = model
+        self.head_chunk = head_chunk
+
+    def forward(self, input_ids, position_ids, attention_mask, pred_rows, pred_cols, targets,
+                segments: list[int] | None = None) -> torch.Tensor:
+        body = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        extra = {"tunelab_segments": segments} if segments is not None else {}
+        h = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 use_cache=False, **extra).last_hidden_state            # (B, T, C), final norm applied
+        hs = h[pred_rows, pred_cols]                                     # (N, C)
+        if hs.shape[0] <= self.head_chunk:
+            return _head_loss(head, hs, targets)
+        # Many targets (pre-training): logits chunk by chunk, recomputed in backward, never (N, V) at once.
+        from torch.utils.checkpoint import checkpoint
+
+        total = hs.new_zeros((), dtype=torch.float32)
+        for s in range(0, hs.shape[0], self.head_chunk):
+            total = total + checkpoint(_head_loss, head, hs[s:s + self.head_chunk],
+                                       targets[s:s + self.head_chunk], use_reentrant=False)
+        return total
+
+
+def _head_loss(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hs).float()                                            # (N, V)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def batch_loss(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return loss_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_rows,
+                       batch.pred_cols, batch.targets, batch.segments)
+
+
+# --------------------------------------------------------------------------------------------------
+# varlen attention: causal attention per packed sequence
+# --------------------------------------------------------------------------------------------------
+VARLEN = "tunelab_varlen"
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: with ``tunelab_segments`` (boundaries in a single packed row) each
+    sequence attends causally to itself only; without them (inference, probes) plain SDPA.
+
+    query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D)
+    """
+    segments = kwargs.pop("tunelab_segments", None)
+    if segments is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    p = dropout if module.training else 0.0
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
+                                           is_causal=True, scale=scaling, enable_gqa=gqa)
+            for s, e in zip(segments[:-1], segments[1:])]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)           # (1, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model: torch.nn.Module) -> bool:
+    """Switch a transformers model to ``varlen_attention``; False if it does not take pluggable attention."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    try:
+        model.set_attn_implementation(VARLEN)
+    except (ValueError, AttributeError, NotImplementedError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == VARLEN
+
+
+# --------------------------------------------------------------------------------------------------
+# precision and devices
+# --------------------------------------------------------------------------------------------------
+def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    from tunelab.models.local import cpu_has_fast_bf16
+
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# the run: config, processes, tokenizer, data
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    device: torch.device
+    autocast: torch.dtype | None
+    tokenizer: Any
+    model_path: Path
+    data: TrainData
+    log: Callable[[str], None] = print
+    console: Any = None
+    resume: bool = False
+    varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast_ctx(self):
+        return autocast_ctx(self.device, self.autocast)
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    from tunelab.models.local import FALLBACK_TEMPLATE
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer from {model_path}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = FALLBACK_TEMPLATE
+    return tok
+
+
+def start_run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log: Callable[[str], None] = print,
+              console=None) -> Run:
+    """Processes, seeds, tokenizer and data: everything before the model is loaded (also the dry run)."""
+    from accelerate import Accelerator
+
+    from tunelab.models.convert import resolve_local_path
+    from tunelab.train.data import load_train_data
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    want_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available", where="train.device")
+    accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
+    device = accelerator.device
+    seed_everything(cfg.train.seed)
+    model_path = resolve_local_path(cfg.model)
+    tok = load_tokenizer(model_path)
+    spec = None
+    if cfg.data.prompt:
+        from tunelab.prompts import load_prompt_spec
+
+        spec = load_prompt_spec(cfg.data.prompt)
+    data = load_train_data(cfg.data, tok, method=cfg.method, spec=spec)
+    out = Path(cfg.out)
+    if not resume and not dry_run and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} holds checkpoints of an earlier run: add --resume to continue it, or choose a new "
+                          "--out", where="out")
+    run = Run(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
+              log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume)
+    check_batching(run)
+    return run
+
+
+def check_batching(run: Run) -> None:
+    t, n, w = run.cfg.train, len(run.data.examples), run.world
+    if t.batch_size % w:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must split evenly over {w} processes",
+                          where="train.batch_size")
+    if n < t.batch_size:
+        raise ConfigError(f"only {n} examples, fewer than train.batch_size ({t.batch_size}); lower --batch-size",
+                          where="train.batch_size")
+
+
+# --------------------------------------------------------------------------------------------------
+# model loading
+# --------------------------------------------------------------------------------------------------
+NORMS_FEEDING_LINEARS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
+
+
+def cast_norm_outputs(model: torch.nn.Module) -> int:
+    """Under autocast, hand the decoder-layer norms' outputs on in the autocast dtype.
+
+    Autocast casts a fp32 input to bf16 separately for every matmul that reads it (q, k, v, and with LoRA
+    each lora_A again), keeping each copy for backward. The norms' outputs feed only such matmuls, so casting
+    once gives the same numbers with one saved copy instead of up to seven. Outside autocast: a no-op.
+    """
+    def hook(module, args, output):
+        if isinstance(output, torch.Tensor) and output.is_floating_point():
+            dev = output.device.type
+            if torch.is_autocast_enabled(dev):
+                return output.to(torch.get_autocast_dtype(dev))
+        return output
+
+    n = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in NORMS_FEEDING_LINEARS:
+            module.register_forward_hook(hook)
+            n += 1
+    return n
+
+
+def load_base_model(run: Run) -> torch.nn.Module:
+    """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    if run.device.type == "cpu":
+        # Grouped-query attention without materialising the repeated keys/values (CPU SDPA handles a mask with
+        # it; tested equal): less activation memory. On CUDA a mask would force the slow kernel, so not there.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(run.model_path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {run.model_path}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    t = run.cfg.train
+    run.varlen = False
+    if t.packing and t.attention == "varlen":
+        run.varlen = use_varlen_attention(model)
+        if not run.varlen:
+            run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
+    cast_norm_outputs(model)
+    if t.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(run.device)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_share": trainable / max(1, total)}
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule and data order
+# --------------------------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine/linear decay towards ``min_ratio`` (or constant). ``step`` is 0-based."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+@dataclass
+class Plan:
+    n_examples: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+    warmup: int
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n_examples, generator=g).tolist()
+
+    def step_examples(self, step: int) -> list[int]:
+        """Global example indices of optimizer step ``step`` (0-based): a fixed function of seed and step."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+
+    def key(self) -> dict[str, int]:
+        """What a checkpoint must agree on to be resumed by this plan."""
+        return {"n_examples": self.n_examples, "batch_size": self.batch_size, "total_steps": self.total_steps,
+                "seed": self.seed}
+
+
+def make_plan(cfg: TrainConfig, n_examples: int) -> Plan:
+    t, o = cfg.train, cfg.optim
+    spe = n_examples // t.batch_size
+    total = t.max_steps or max(1, math.ceil(t.epochs * spe))
+    warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * total))
+    return Plan(n_examples, t.batch_size, spe, total, t.seed, min(warmup, total))
+
+
+def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int) -> list[list[Example]]:
+    mine = idx[rank::world]
+    return [[examples[i] for i in mine[s:s + micro]] for s in range(0, len(mine), micro)]
+
+
+# --------------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------------
+class ProgressView:
+    """A rich progress bar with loss, lr and tok/s on a terminal; plain log lines elsewhere (CI, subprocess)."""
+
+    def __init__(self, total: int, start: int, console, enabled: bool, log: Callable[[str], None], every: int):
+        self.total, self.enabled, self.log, self.every = total, enabled, log, every
+        self.bar = None
+        if enabled and console is not None and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+                TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+            self.bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                            tps=f"{row['tok_s']:.0f}")
+        elif row["step"] % self.every == 0 or row["step"] == self.total:
+            gn = f"  grad-norm {row['grad_norm']:.3f}" if row["grad_norm"] is not None else ""
+            self.log(f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}{gn}  "
+                     f"{row['tok_s']:.0f} tok/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------------
+# Seconds to pause after each step (not counted in tok/s): lets the tests kill a run at a known point.
+STEP_SLEEP = float(os.environ.get("TUNELAB_TRAIN_STEP_SLEEP", "0") or 0)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    history: list[dict[str, Any]]
+    tokens: int
+    target_tokens: int
+    train_seconds: float
+    resumed_from: int | None
+    peak_rss_gb: float = 0.0  # at the end of training (before saving, probes and eval)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def build_optimizer(run: Run, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
+    o = run.cfg.optim
+    decay = [p for n, p in named.items() if p.ndim >= 2]
+    no_decay = [p for n, p in named.items() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path) -> dict:
+    """Load the latest checkpoint into the parameters, optimizer and RNGs; the counters to continue from."""
+    ck = latest_checkpoint(run.out)
+    if ck is None:
+        run.log(f"--resume: no checkpoint in {run.out / 'checkpoints'}; starting from step 0")
+        return {}
+    loaded = load_checkpoint(ck, rank=run.rank)
+    st = loaded["state"]
+    if st.get("plan", plan.key()) != plan.key():
+        raise ConfigError(f"the checkpoint was written for a different plan {st.get('plan')} than this run's "
+                          f"{plan.key()}: resume with the same data, batch size, steps and seed", where=str(ck))
+    if st.get("world_size", 1) != run.world:
+        raise ConfigError(f"the checkpoint was written by {st.get('world_size')} processes, this run has "
+                          f"{run.world}; resume with the same number", where=str(ck))
+    missing = set(named) - set(loaded["weights"])
+    if missing:
+        raise ConfigError(f"the checkpoint does not match this model ({len(missing)} trainable tensors missing, "
+                          f"e.g. {sorted(missing)[0]})", where=str(ck))
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(loaded["weights"][n].to(p.device, p.dtype))
+    optimizer_from_files(optimizer, *loaded["optimizer"])
+    if loaded["rng"] is not None:
+        rng_from_files(*loaded["rng"])
+    history = []
+    if metrics_path.is_file():
+        history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        history = [h for h in history if h["step"] <= st["step"]]
+    run.log(f"resumed from {ck.name}: step {st['step']}/{plan.total_steps}")
+    return {"step": st["step"], "tokens": st["tokens"], "targets": st["target_tokens"],
+            "elapsed": st["train_seconds"], "history": history}
+
+
+def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
+        on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history."""
+    cfg, acc = run.cfg, run.accelerator
+    t, o = cfg.train, cfg.optim
+    named = trainable_named(model)
+    if not named:
+        raise TunelabError("the model has no trainable parameters")
+    plan = make_plan(cfg, len(run.data.examples))
+    optimizer = build_optimizer(run, named)
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    state = _resume(run, plan, named, optimizer, metrics_path) if (run.resume if resume is None else resume) else {}
+    start_step, tokens = state.get("step", 0), state.get("tokens", 0)
+    targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
+    history: list[dict[str, Any]] = state.get("history", [])
+    resumed_from = state.get("step")
+    if run.is_main:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+
+    loss_module = SupervisedLoss(model)
+    loss_module, optimizer = acc.prepare(loss_module, optimizer)
+    loss_module.train()
+    pad_id = run.tokenizer.pad_token_id or 0
+    view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
+    try:
+        for step in range(start_step, plan.total_steps):
+            t0 = time.perf_counter()
+            lr = o.lr * lr_factor(step, plan.total_steps, plan.warmup, o.schedule, o.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            idx = plan.step_examples(step)
+            step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
+            micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size)
+            loss_sum = torch.zeros((), device=run.device)
+            step_tokens = 0
+            for k, mb in enumerate(micros):
+                batch = collate(mb, packing=t.packing, pack_len=t.pack_len, pad_id=pad_id,
+                                varlen=run.varlen).to(run.device)
+                sync = k == len(micros) - 1
+                with (contextlib.nullcontext() if sync else acc.no_sync(loss_module)):
+                    with run.autocast_ctx():
+                        s = batch_loss(loss_module, batch)
+                    # DDP averages gradients over processes: scale so the result is the step's token mean.
+                    acc.backward(s * (run.world / max(1, step_targets)))
+                loss_sum += s.detach()
+                step_tokens += batch.n_tokens
+            grad_norm = None
+            if o.clip_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(list(named.values()), o.clip_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats = torch.tensor([float(loss_sum), float(step_tokens)], device=run.device)
+            if run.world > 1:
+                stats = acc.reduce(stats, reduction="sum")
+            loss = float(stats[0]) / max(1, step_targets)
+            if not math.isfinite(loss):
+                raise TunelabError(f"the loss is {loss} at step {step + 1}; lower optim.lr or check the data")
+            tokens += int(stats[1])
+            targets_seen += step_targets
+            elapsed += time.perf_counter() - t0
+            row = {"step": step + 1, "epoch": round((step + 1) / max(1, plan.steps_per_epoch), 4),
+                   "loss": round(loss, 6), "lr": lr,
+                   "grad_norm": None if grad_norm is None else round(grad_norm, 5), "tokens": tokens,
+                   "targets": targets_seen, "tok_s": round(tokens / elapsed, 2) if elapsed else 0.0,
+                   "elapsed_s": round(elapsed, 3)}
+            history.append(row)
+            if run.is_main:
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            view.update(row)
+            if STEP_SLEEP:
+                time.sleep(STEP_SLEEP)
+            every = cfg.checkpoint.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < plan.total_steps:
+                weights = {n: p.detach() for n, p in named.items()}
+                save_checkpoint(out, step + 1, weights=weights, optimizer=optimizer,
+                                state={"tokens": tokens, "target_tokens": targets_seen, "train_seconds": elapsed,
+                                       "epoch": (step + 1) // max(1, plan.steps_per_epoch),
+                                       "step_in_epoch": (step + 1) % max(1, plan.steps_per_epoch),
+                                       "total_steps": plan.total_steps, "lr": lr, "plan": plan.key()},
+                                keep=cfg.checkpoint.keep, rank=run.rank, world=run.world,
+                                barrier=acc.wait_for_everyone)
+                if on_checkpoint:
+                    on_checkpoint(step + 1)
+    finally:
+        view.close()
+    acc.wait_for_everyone()
+    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb())
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation helpers (forgetting probe, report numbers)
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, examples: list[Example], *, device: torch.device,
+             autocast: torch.dtype | None, pad_id: int = 0, batch_size: int = 8, pack_len: int = 1024,
+             varlen: bool = False) -> float:
+    """Mean negative log-likelihood per target token (exp() of it is the perplexity)."""
+    was_training = model.training
+    model.eval()
+    loss_module = SupervisedLoss(model)
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s:s + batch_size], packing=True, pack_len=pack_len, pad_id=pad_id,
+                        varlen=varlen).to(device)
+        with autocast_ctx(device, autocast):
+            total += float(batch_loss(loss_module, batch))
+        count += batch.n_targets
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def env_info() -> dict[str, Any]:
+    import platform
+
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
