@@ -57,6 +57,7 @@ def run_tunelab(args) -> dict:
         "lora": {"r": args.r, "alpha": args.alpha, "dropout": 0.0, "target_modules": "all-linear"},
         "optim": {"lr": args.lr, "warmup_ratio": 0.0},
         "train": {"epochs": 1, "batch_size": args.batch, "micro_batch_size": args.micro_batch or args.batch,
+                  "micro_batch_tokens": args.micro_batch_tokens or None,
                   "packing": not args.no_packing, "seed": 0, "dtype": args.dtype,
                   "activation_checkpointing": args.activation_checkpointing},
     })
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64, help="reviews (the issue: 512)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=None, help="tunelab micro-batch (default: --batch)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=2048, help="tunelab token cap per micro-batch (0: none)")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--lr", type=float, default=2e-4)

@@ -107,6 +107,20 @@ def test_plan_rows_first_fit_decreasing():
     assert len(rows) == 4  # 39 tokens in rows of 12: at least 4
 
 
+def test_micro_batches_cap_tokens_and_match_across_processes():
+    from tunelab.train.loop import micro_batches
+
+    exs = [Example([1] * n, [False] + [True] * (n - 1)) for n in (100, 900, 50, 60, 700, 80, 40, 30)]
+    idx = list(range(8))
+    one = micro_batches(exs, idx, 0, 1, 8, 1000)
+    assert [len(m) for m in one] == [2, 6] and all(sum(map(len, m)) <= 1000 for m in one)
+    assert [e for m in one for e in m] == exs                       # every example once, in order
+    r0, r1 = (micro_batches(exs, idx, r, 2, 8, 1000) for r in (0, 1))
+    assert len(r0) == len(r1)                                       # DDP: the same number of backward passes
+    assert [e for m in r0 for e in m] == exs[0::2] and [e for m in r1 for e in m] == exs[1::2]
+    assert [len(m) for m in micro_batches(exs, idx, 0, 1, 3, None)] == [3, 3, 2]
+
+
 def test_schedule_warmup_then_cosine_to_min():
     f = [lr_factor(s, 10, 2, "cosine", 0.1) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0

@@ -71,6 +71,9 @@ class LoopConfig(StrictModel):
     batch_size: int = Field(16, ge=1, description="examples per optimizer step, over all processes")
     micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (grad accumulation = "
                                                        "batch_size / (micro_batch_size x processes))")
+    micro_batch_tokens: int | None = Field(
+        2048, ge=8, description="also cap a micro-batch at this many tokens (bounds activation memory on long "
+                                "examples; an example longer than this is a micro-batch of its own); null: no cap")
     packing: bool = Field(True, description="padding-free rows: sequences concatenated with per-sequence "
                                             "positions and a block-diagonal causal mask")
     pack_len: int = Field(1024, ge=8, description="attention 'mask': longest packed row in tokens")

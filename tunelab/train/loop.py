@@ -355,9 +355,38 @@ def make_plan(cfg: TrainConfig, n_examples: int) -> Plan:
     return Plan(n_examples, t.batch_size, spe, total, t.seed, min(warmup, total))
 
 
-def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int) -> list[list[Example]]:
+def _split(lengths: list[int], micro: int, max_tokens: int | None) -> list[int]:
+    """Chunk sizes: consecutive examples while at most ``micro`` of them and ``max_tokens`` tokens."""
+    sizes, n, tok = [], 0, 0
+    for ln in lengths:
+        if n and (n == micro or (max_tokens is not None and tok + ln > max_tokens)):
+            sizes.append(n)
+            n, tok = 0, 0
+        n += 1
+        tok += ln
+    if n:
+        sizes.append(n)
+    return sizes
+
+
+def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int,
+                  max_tokens: int | None = None) -> list[list[Example]]:
+    """This process's share of a step (every ``world``-th example), as micro-batches of at most ``micro``
+    examples and ``max_tokens`` tokens. Every process gets the same number of micro-batches (DDP syncs
+    gradients on the last one), so a process with fewer splits its largest ones further."""
+    shares = [[len(examples[i]) for i in idx[r::world]] for r in range(world)]
+    plans = [_split(s, micro, max_tokens) for s in shares]
+    want = max(len(p) for p in plans)
+    sizes = plans[rank]
+    while len(sizes) < want:  # split the largest chunk (want <= examples per process, so this ends)
+        j = max(range(len(sizes)), key=lambda k: sizes[k])
+        sizes[j:j + 1] = [sizes[j] - sizes[j] // 2, sizes[j] // 2]
     mine = idx[rank::world]
-    return [[examples[i] for i in mine[s:s + micro]] for s in range(0, len(mine), micro)]
+    out, s = [], 0
+    for n in sizes:
+        out.append([examples[i] for i in mine[s:s + n]])
+        s += n
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,7 +527,8 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
                 g["lr"] = lr
             idx = plan.step_examples(step)
             step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
-            micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size)
+            micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size,
+                                   t.micro_batch_tokens)
             loss_sum = torch.zeros((), device=run.device)
             step_tokens = 0
             for k, mb in enumerate(micros):

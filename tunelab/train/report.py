@@ -64,7 +64,8 @@ def show_preview(run: Run) -> dict[str, Any]:
         f"max {stats['length_max']}" + (f"; {stats['dropped_too_long']} dropped (> data.max_seq_len "
                                          f"{run.cfg.data.max_seq_len})" if stats["dropped_too_long"] else ""),
         f"plan: {plan.total_steps} steps of {t.batch_size} examples ({plan.steps_per_epoch} per epoch), "
-        f"micro-batch {t.micro_batch_size} x {accum} accumulation x {run.world} process(es), "
+        f"micro-batch {t.micro_batch_size}" + (f" (<= {t.micro_batch_tokens} tokens)" if t.micro_batch_tokens else "")
+        + f" x {accum} accumulation x {run.world} process(es), "
         f"{'packed' if t.packing else 'padded'}, warmup {plan.warmup}, autocast {run.autocast or 'off'}, "
         f"device {run.device}",
         f"first example ({first.where}), {len(first)} tokens, {first.n_targets} supervised, marked ⟦…⟧:",
