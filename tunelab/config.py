@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -33,17 +36,100 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError(f"invalid YAML: {problem}", where=where) from None
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """The first error as 'field.path: message' (pydantic's own text, shortened to one line)."""
-    e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
-    msg = e["msg"]
+def _model_class(tp: Any) -> type[BaseModel] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp: Any, tag: str | None = None) -> list[tuple[Any, str | None]]:
+    """The alternatives of an annotation as (type, pydantic Tag or None): Optional/Union/Annotated peeled,
+    None dropped."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        tag = next((m.tag for m in meta if type(m).__name__ == "Tag"), tag)
+        return _unwrap(base, tag)
+    if origin in (typing.Union, types.UnionType):
+        return [a for x in typing.get_args(tp) if x is not type(None) for a in _unwrap(x)]
+    return [(tp, tag)]
+
+
+def _union_member(options: list[tuple[Any, str | None]], tag: str) -> tuple[Any, str | None] | None:
+    """The union member that pydantic names ``tag`` in an error location (Tag, class name or discriminator)."""
+    for o, t in options:
+        if t == tag:
+            return o, t
+        m = _model_class(o)
+        if m is None:
+            continue
+        if m.__name__ == tag:
+            return o, t
+        for f in m.model_fields.values():
+            if typing.get_origin(f.annotation) is Literal and tag in typing.get_args(f.annotation):
+                return o, t
+    return None
+
+
+def _walk(model: type[BaseModel] | None, raw_loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """An error location as the user wrote it (no union tags, no validator names) and the model class that
+    owns its last part (for did-you-mean)."""
+    loc: list[str] = []
+    options: list[tuple[Any, str | None]] = [(model, None)] if model is not None else []
+    owner: type[BaseModel] | None = None
+    for x in raw_loc:
+        if isinstance(x, str) and x.startswith("function-"):
+            continue
+        member = _union_member(options, x) if isinstance(x, str) and len(options) > 1 else None
+        if member is not None:
+            options = [member]
+            continue
+        models = [m for m in (_model_class(o) for o, _ in options) if m is not None]
+        owner = next((m for m in models if x in m.model_fields or any(
+            f.alias == x for f in m.model_fields.values())), models[0] if len(models) == 1 else None)
+        loc.append(str(x))
+        nxt: list[tuple[Any, str | None]] = []
+        if owner is not None:
+            field = owner.model_fields.get(x) or next((f for f in owner.model_fields.values() if f.alias == x), None)
+            nxt = _unwrap(field.annotation) if field is not None else []
+        else:  # a list index or dict key: step into the item type
+            for o, _ in options:
+                args = typing.get_args(o)
+                if typing.get_origin(o) in (list, tuple, set) and args:
+                    nxt += _unwrap(args[0])
+                elif typing.get_origin(o) is dict and len(args) == 2:
+                    nxt += _unwrap(args[1])
+        options = nxt
+    return loc, owner
+
+
+def describe_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> tuple[str, str]:
+    """(field path, message) of the first error, in the user's terms.
+
+    Unknown fields come first (a typo also makes a field missing); an unknown field names the closest allowed
+    one ("did you mean") and the allowed list when ``model`` is given; union tags and validator names are
+    dropped from the path (output.label.labels -> output.labels); pydantic's "Value error, " prefix too.
+    """
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    e = errors[0]
+    loc, owner = _walk(model, tuple(e["loc"]))
+    msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; see the docs for the allowed fields)"
+        msg = "unknown field"
+        if owner is not None and loc:
+            allowed = [f.alias or n for n, f in owner.model_fields.items()]
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            msg += (f" (did you mean {close[0]!r}?)" if close else "") + f"; allowed: {', '.join(allowed)}"
+        else:
+            msg += " (check the spelling; see the docs for the allowed fields)"
     elif e["type"] == "missing":
         msg = "required field is missing"
-    more = len(err.errors()) - 1
-    return f"{loc or '<root>'}: {msg}" + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+    more = len(errors) - 1
+    return ".".join(loc), msg + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """The first error as one line, 'field.path: message' (see describe_validation_error)."""
+    loc, msg = describe_validation_error(err, model)
+    return f"{loc or '<root>'}: {msg}"
 
 
 def validate_as(model: type[M], data: Any, source: str | Path) -> M:
@@ -53,7 +139,7 @@ def validate_as(model: type[M], data: Any, source: str | Path) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e), where=str(source)) from None
+        raise ConfigError(format_validation_error(e, model), where=str(source)) from None
 
 
 def load_config(model: type[M], path: str | Path) -> M:

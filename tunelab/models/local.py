@@ -46,6 +46,13 @@ def _dir_identity(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast to ``dtype`` on ``device_type``; disabled (fp32) when ``dtype`` is None."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class LocalModel:
     """A causal LM from transformers behind the ModelBackend interface."""
 
@@ -107,10 +114,9 @@ class LocalModel:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if cpu_has_fast_bf16() else None
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+    def autocast(self):
+        """The autocast context every forward of this model runs in (a no-op without a fast low precision)."""
+        return autocast_context(self.device.type, self.autocast_dtype)
 
     # -- rendering -----------------------------------------------------------------------------------
     def render(self, messages: list[Message], *, add_generation_prompt: bool = True) -> str:
@@ -170,7 +176,7 @@ class LocalModel:
         enc = tok(texts, add_special_tokens=False)["input_ids"]
         order = sorted(range(len(texts)), key=lambda i: len(enc[i]))
         out: list[Generation | None] = [None] * len(texts)
-        eos_ids = self._eos_ids()
+        eos_ids = self.eos_ids()
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             t0 = time.perf_counter()
@@ -187,7 +193,7 @@ class LocalModel:
                     torch.manual_seed(params.seed + start)
             if params.stop:
                 kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
-            with self._autocast():
+            with self.autocast():
                 seqs = self.model.generate(input_ids=input_ids.to(self.device),
                                            attention_mask=attn.to(self.device), **kwargs)
             ms = (time.perf_counter() - t0) * 1000 / len(idx)
@@ -209,7 +215,8 @@ class LocalModel:
                 progress(len(idx))
         return out  # type: ignore[return-value]
 
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
+        """Token ids that end a generation: the tokenizer's EOS, the generation config's, the end-of-turn."""
         ids = set()
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)

@@ -64,10 +64,9 @@ class PrefixScorer:
         self._cache_kw = _cache_kwarg(self.body)
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        device_type = next(self.model.parameters()).device.type
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
+        from tunelab.models.local import autocast_context
+
+        return autocast_context(next(self.model.parameters()).device.type, self.autocast_dtype)
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], choices: list[list[int]],

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ import jsonschema
 from jinja2 import TemplateSyntaxError
 from pydantic import ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
 
-from tunelab.config import StrictModel, load_yaml
+from tunelab.config import StrictModel, describe_validation_error, load_yaml
 from tunelab.data.io import read_records
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.prompts import parsers as P
@@ -368,36 +367,6 @@ class PromptSpec(StrictModel):
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
-_UNION_TAGS: dict[str, dict[str, type[StrictModel]]] = {
-    "output": {"label": LabelOutput, "json": JsonOutput, "sections": SectionsOutput, "number": NumberOutput,
-               "free": FreeOutput},
-    "reasoning": {"none": NoReasoning, "cot": CotReasoning},
-    "examples": {"inline": Example, "source": ExampleSource},
-}
-
-
-def _describe(err: ValidationError) -> tuple[str, str]:
-    """(field path, message) of the first error (unknown fields first: a typo also makes a field missing),
-    without pydantic's union tags (output.label.labels -> output.labels)."""
-    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    e = errors[0]
-    raw = [str(x) for x in e["loc"]]
-    tagged = len(raw) > 1 and raw[1] in _UNION_TAGS.get(raw[0], {})
-    loc = raw[:1] + raw[2:] if tagged else raw
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        model = PromptSpec if len(raw) == 1 else _UNION_TAGS[raw[0]][raw[1]] if tagged else None
-        msg = "unknown field"
-        if model is not None:
-            allowed = [f.alias or n for n, f in model.model_fields.items()]
-            close = difflib.get_close_matches(loc[-1], allowed, n=1)
-            msg += (f" (did you mean {close[0]!r}?)" if close else "") + f"; allowed: {', '.join(allowed)}"
-    elif e["type"] == "missing":
-        msg = "required field is missing"
-    more = len(errors) - 1
-    return ".".join(loc), msg + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
-
-
 def spec_from_dict(data: Any, *, base_dir: str | os.PathLike | None = None,
                    source: str = "<prompt spec>") -> PromptSpec:
     """Validate a spec and resolve its examples (relative paths against ``base_dir``).
@@ -407,7 +376,7 @@ def spec_from_dict(data: Any, *, base_dir: str | os.PathLike | None = None,
     try:
         spec = PromptSpec.model_validate(data)
     except ValidationError as e:
-        loc, msg = _describe(e)
+        loc, msg = describe_validation_error(e, PromptSpec)
         raise ConfigError(msg, where=f"{source}: {loc}" if loc else source) from None
     try:
         spec.resolve_examples(base_dir if base_dir is not None else Path.cwd())

@@ -286,7 +286,7 @@ class Engine:
         # A tokenizer of the engine's own: a Rust tokenizer is not to be shared across threads.
         self.tokenizer = AutoTokenizer.from_pretrained(str(lm.path))
         self.token_text = TokenText(self.tokenizer)
-        self.eos_ids = set(lm._eos_ids())
+        self.eos_ids = set(lm.eos_ids())
         self.pad_id = lm.tokenizer.pad_token_id
         self.device = lm.device
         self.context_length = int(getattr(lm.model.config, "max_position_embeddings", 0) or 2048)
@@ -355,7 +355,7 @@ class Engine:
             while not self._stopping:
                 self._wakeup.clear()  # before looking at the queue: a submit after this wakes the wait below
                 try:
-                    with torch.inference_mode(), self.lm._autocast():
+                    with torch.inference_mode(), self.lm.autocast():
                         busy = self._iteration()
                 except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
                     log.exception("engine step failed; failing the %d running sequences", len(self._rows))

@@ -134,9 +134,9 @@ def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    from tunelab.models.local import autocast_context
+
+    return autocast_context(device.type, dtype)
 
 
 def peak_rss_gb() -> float:
