@@ -238,7 +238,8 @@ def prompt_render(
 def _register_subcommands() -> None:
     import importlib
 
-    for name in ("tunelab.train.command", "tunelab.generate.command", "tunelab.serve.command"):
+    for name in ("tunelab.train.command", "tunelab.generate.command", "tunelab.serve.command",
+                 "tunelab.run.command"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -81,3 +81,56 @@ def confusion_heatmap(labels: Sequence[str], matrix: Sequence[Sequence[int]], *,
             ax.set_title(title, fontsize=10)
         fig.tight_layout()
         return _to_svg(fig)
+
+
+def loss_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, smooth: int | None = None) -> str:
+    """Training loss per step, one line per run (``name -> (steps, losses)``); with many steps a running mean
+    of ``smooth`` steps (default: a twentieth of the steps) is drawn over the raw curve."""
+    with _style():
+        fig, ax = plt.subplots(figsize=(7.5, 3.4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (name, (steps, losses)) in enumerate(series.items()):
+            c = colors[i % len(colors)]
+            x, y = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
+            if len(x) == 0:
+                continue
+            k = smooth or max(2, len(y) // 20)
+            if len(y) >= 10:
+                ax.plot(x, y, lw=0.8, color=c, alpha=0.35)
+                sm = np.convolve(y, np.ones(k) / k, mode="valid")
+                ax.plot(x[k - 1:], sm, lw=2, color=c, label=f"{name} (mean of {k})")
+            else:
+                ax.plot(x, y, lw=1.5, color=c, marker="o", ms=3, label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss per target token")
+        ax.grid(color="#e5e5e5")
+        ax.set_axisbelow(True)
+        if series:
+            ax.legend(frameon=False)
+        fig.tight_layout()
+        return _to_svg(fig)
+
+
+def diff_intervals(names: Sequence[str], diffs: Sequence[float], lows: Sequence[float], highs: Sequence[float], *,
+                   xlabel: str) -> str:
+    """Paired differences (fractions, drawn as points) with their intervals and a line at zero: an interval
+    that does not cross the line is a difference the data support."""
+    d, lo, hi = (np.asarray(x, dtype=float) * 100 for x in (diffs, lows, highs))
+    y = np.arange(len(names))[::-1]
+    with _style():
+        fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(names) + 1.1))
+        ax.axvline(0, color="#888888", lw=1)
+        for yi, di, l, h in zip(y, d, lo, hi):
+            color = "#1a7f37" if l > 0 else "#c62828" if h < 0 else "#555555"
+            ax.plot([l, h], [yi, yi], color=color, lw=2.5)
+            ax.plot([di], [yi], "o", color=color, ms=7)
+            ax.text(h, yi + 0.18, f" {di:+.1f}", va="bottom", fontsize=9)
+        span = max(5.0, float(np.nanmax(np.abs(np.concatenate([lo, hi])))) if len(d) else 5.0) * 1.2
+        ax.set_xlim(-span, span)
+        ax.set_yticks(y, list(names))
+        ax.set_ylim(-0.7, len(names) - 0.3)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", color="#e5e5e5")
+        ax.set_axisbelow(True)
+        fig.tight_layout()
+        return _to_svg(fig)

@@ -1,0 +1,245 @@
+"""The experiment file of `tunelab run`: one YAML that names the prompts to measure, the optional teacher
+data, the fine-tuning methods, the eval after tuning and the optional serve check.
+
+Every field is checked on load; errors read ``file:line: field: what to fix``. Input paths are relative to
+the experiment file. A minimal experiment::
+
+    name: nsmc
+    data: {eval: ../data/nsmc_binary_dev_200.jsonl, train: ../data/nsmc_binary_train_512.jsonl}
+    prompts: {short: ../train/sentiment_binary_short.yaml}
+    train: [{name: lora, method: lora, prompt: short}]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from tunelab.config import GenerationConfig, StrictModel, describe_validation_error, load_yaml
+from tunelab.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TRAIN_SECTIONS = ("lora", "optim", "train", "checkpoint", "forgetting")
+
+
+class ExperimentData(StrictModel):
+    eval: str = Field(description="labelled items every prompt and every tuned model is scored on (JSONL/CSV)")
+    eval_limit: int | None = Field(None, ge=1, description="use only the first N eval items")
+    train: str | None = Field(None, description="labelled training items ('gold' data of the train methods)")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training records")
+    id_field: str | None = Field(None, description="item id field of the eval data (default: 'id' if present)")
+    name: str | None = Field(None, description="display name of the eval set")
+
+
+class EvalSettings(StrictModel):
+    scoring: Literal["auto", "loglik", "generate"] = "auto"
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    batch_size: int = Field(16, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    use_cache: bool = Field(True, description="reuse model answers from tunelab's call cache")
+
+
+class GenerateStage(StrictModel):
+    config: str | dict[str, Any] = Field(description="a `tunelab generate` config file, or the config inline")
+    limit: int | None = Field(None, ge=1, description="send only the first N inputs")
+
+
+class TrainMethod(StrictModel):
+    name: str = Field(description="folder name under train/ and the model name in tables and the server")
+    method: Literal["lora", "full"] | None = Field(None, description="default: the config's method, else lora")
+    config: str | None = Field(None, description="a `tunelab train` config to start from (its eval: is dropped)")
+    data: str = Field("gold", description="gold (data.train), generated (the generate stage's output), or a file")
+    prompt: str | None = Field(None, description="a name from prompts:, 'best' (the winner of the eval stage), "
+                                                 "or a PromptSpec file; default: the first prompt")
+    limit: int | None = Field(None, ge=1, description="train on the first N records only")
+    max_seq_len: int | None = Field(None, ge=8)
+    lora: dict[str, Any] | None = Field(None, description="fields of the train config's lora: section")
+    optim: dict[str, Any] | None = None
+    train: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    forgetting: dict[str, Any] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use letters, digits, '_', '-' or '.' (it names a folder)")
+        return v
+
+
+class EvalAfter(StrictModel):
+    prompt: str = Field("train", description="'train': each model with the prompt it was trained with; or a name "
+                                             "from prompts:")
+
+
+class ServeStage(StrictModel):
+    mode: Literal["smoke", "command"] = Field(
+        "smoke", description="smoke: start the server over the base model + adapters, send one request through "
+                             "the openai client, stop; command: only write the command that serves them")
+    max_tokens: int = Field(16, ge=1, le=512)
+
+
+class Experiment(StrictModel):
+    name: str
+    description: str | None = None
+    model: str = Field("bundled", description="base model: bundled, an HF directory or a .gguf file")
+    seed: int = 0
+    data: ExperimentData
+    prompts: dict[str, str | dict[str, Any]] = Field(description="name -> PromptSpec file or an inline spec")
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    generate: GenerateStage | None = None
+    train: list[TrainMethod] = Field(default_factory=list)
+    eval_after: EvalAfter = Field(default_factory=EvalAfter)
+    serve: ServeStage | None = None
+    tracking: list[Literal["mlflow", "tensorboard"]] = Field(
+        default_factory=list, description="also log to these when installed (skipped when not)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use letters, digits, '_', '-' or '.' (it names the run folder)")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("at least one prompt is needed")
+        for k in v:
+            if not NAME_RE.match(str(k)) or k in ("best", "train"):
+                raise ValueError(f"prompt name {k!r}: use letters, digits, '_', '-' or '.' (not 'best' or 'train')")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Experiment":
+        names = [m.name for m in self.train]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train method names must be unique, got {names}")
+        for i, m in enumerate(self.train):
+            if m.data == "generated" and self.generate is None:
+                raise ValueError(f"train.{i}.data: 'generated' needs a generate: stage")
+            if m.data == "gold" and self.data.train is None:
+                raise ValueError(f"train.{i}.data: 'gold' needs data.train (the training items)")
+            if m.prompt in self.prompts or m.prompt in (None, "best"):
+                continue
+            if not m.prompt.endswith((".yaml", ".yml")):
+                raise ValueError(f"train.{i}.prompt: {m.prompt!r} is neither a name from prompts: "
+                                 f"({', '.join(self.prompts)}), 'best', nor a .yaml file")
+        p = self.eval_after.prompt
+        if p != "train" and p not in self.prompts:
+            raise ValueError(f"eval_after.prompt: {p!r} is neither 'train' nor a name from prompts: "
+                             f"({', '.join(self.prompts)})")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# loading, with file:line errors
+# --------------------------------------------------------------------------------------------------
+def field_line(path: Path, loc: tuple) -> int | None:
+    """The line of the YAML key at ``loc`` (or of its deepest existing parent)."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError):
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def where(path: Path, *loc: Any) -> str:
+    line = field_line(path, tuple(loc)) if loc else None
+    return f"{path}:{line}" if line else str(path)
+
+
+def config_error(path: Path, loc: tuple, message: str) -> ConfigError:
+    dotted = ".".join(str(x) for x in loc)
+    return ConfigError(f"{dotted}: {message}" if dotted else message, where=where(path, *loc))
+
+
+def _loc(dotted: str) -> tuple:
+    return tuple(int(x) if x.isdigit() else x for x in dotted.split(".")) if dotted else ()
+
+
+def load_experiment(path: str | Path, *, limit: int | None = None) -> "ResolvedExperiment":
+    """Load, validate and resolve an experiment file (paths, prompt specs, train configs): every input error
+    is raised here, before anything runs."""
+    p = Path(path)
+    raw = load_yaml(p)
+    if raw is None:
+        raise ConfigError("the file is empty", where=str(p))
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping of fields (name, data, prompts, train, ...)", where=f"{p}:1")
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as e:
+        dotted, msg = describe_validation_error(e, Experiment)
+        loc = _loc(dotted)
+        if loc:
+            msg = f"{dotted}: {msg}"
+        else:  # a check over several fields names its field first ("train.0.data: ..."): point there
+            m = re.match(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)*): ", msg)
+            if m:
+                loc = _loc(m.group(1))
+        raise ConfigError(msg, where=where(p, *loc)) from None
+    from tunelab.run.resolve import resolve
+
+    return resolve(exp, p.resolve(), limit=limit, shown=p)
+
+
+@dataclass
+class PromptRef:
+    name: str
+    spec: Any              # PromptSpec
+    path: Path | None      # the file it came from (None: inline)
+    hash: str
+
+
+@dataclass
+class MethodPlan:
+    entry: TrainMethod
+    index: int
+    base_data: dict[str, Any]   # the merged train-config dict before the stage fills data.path / prompt / out
+    prompt: str                 # a prompt name, 'best', or '@file' for a PromptSpec file outside prompts:
+    prompt_ref: PromptRef | None = None
+
+
+@dataclass
+class ResolvedExperiment:
+    exp: Experiment
+    path: Path
+    base_dir: Path
+    prompts: dict[str, PromptRef]
+    eval_data: Path
+    train_data: Path | None
+    methods: list[MethodPlan] = field(default_factory=list)
+    generate_config: Path | dict[str, Any] | None = None
+    model: str = "bundled"
+    limit: int | None = None   # --limit N: a quick smoke run
+    shown: Path | None = None  # the file as the user named it (for error messages)
+
+    @property
+    def where_path(self) -> Path:
+        return self.shown or self.path
+
+    @property
+    def name(self) -> str:
+        return self.exp.name

@@ -1,0 +1,452 @@
+"""The stages of `tunelab run`, each a thin layer over the library: eval (EvalRunner), generate
+(run_generate), train (the LoRA/full recipes), eval_after (EvalRunner with the tuned models, paired tests
+against the best prompt) and serve (the OpenAI-compatible server, smoke-tested with the openai client).
+
+A stage says what its result depends on (``inputs``: resolved settings, content hashes of input files and
+the outputs of the stages before it) and does its work (``run``), leaving everything in its folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.run.config import MethodPlan, PromptRef, ResolvedExperiment
+from tunelab.run.util import dir_sha, file_sha, model_identity, read_json, read_jsonl, stable_hash, write_json
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Ctx:
+    """What every stage sees: the experiment, the run folder, the results of the stages before it."""
+
+    r: ResolvedExperiment
+    out: Path
+    log: Log
+    progress: Callable | None = None       # (description, total) -> advance(n), for eval progress bars
+    console: Any = None                    # a rich console for the training progress bar
+    done: dict[str, dict] = field(default_factory=dict)  # stage key -> its run.json entry once done
+
+    def upstream(self, key: str) -> dict:
+        st = self.done.get(key)
+        if st is None or st.get("status") != "done":
+            raise ConfigError(f"stage {key!r} has not finished yet: run without --only first", where=str(self.out))
+        return st
+
+
+@dataclass
+class Outcome:
+    output_hash: str
+    result: dict[str, Any]
+    tokens: int = 0
+    teacher_usd: float | None = None
+
+
+def _forget_models() -> None:
+    from tunelab import models
+
+    models._LOADED.clear()
+    import gc
+
+    gc.collect()
+
+
+def eval_limit(r: ResolvedExperiment) -> int | None:
+    lims = [x for x in (r.exp.data.eval_limit, r.limit) if x is not None]
+    return min(lims) if lims else None
+
+
+def eval_config(r: ResolvedExperiment, variants: dict[str, PromptRef], models: list[dict]):
+    from tunelab.config import EvalConfig, validate_as
+
+    e = r.exp.eval
+    return validate_as(EvalConfig, {
+        "name": r.name, "description": r.exp.description,
+        "data": {"path": str(r.eval_data), "limit": eval_limit(r), "id_field": r.exp.data.id_field,
+                 "name": r.exp.data.name or r.eval_data.stem},
+        "variants": {n: (str(p.path) if p.path else p.spec.resolved_dict()) for n, p in variants.items()},
+        "models": models, "generation": e.generation.model_dump(), "scoring": e.scoring,
+        "confidence": e.confidence, "seed": r.exp.seed, "metric": "accuracy"}, r.path)
+
+
+def _model_cfg(r: ResolvedExperiment, name: str, *, adapter: Path | None = None, model: str | None = None) -> dict:
+    e = r.exp.eval
+    m = model or r.model
+    return {"name": name, "model": None if m == "bundled" else m, "adapter": str(adapter) if adapter else None,
+            "batch_size": e.batch_size, "dtype": e.dtype}
+
+
+def _rows_hash(rows: list[dict]) -> str:
+    """The content of eval results that later stages read (not timings, not cache flags)."""
+    return stable_hash(sorted((str(r.get("variant")), str(r.get("model")), str(r["item_id"]), int(r.get("sample", 0)),
+                               str(r.get("prediction")), r.get("correct")) for r in rows))
+
+
+def _run_eval(ctx: Ctx, cfg, out_dir: Path) -> tuple[dict, list[dict]]:
+    from tunelab.evaluate.runner import EvalRunner
+
+    runner = EvalRunner(cfg, ctx.r.base_dir, out_dir, use_cache=ctx.r.exp.eval.use_cache, progress=ctx.progress,
+                        log=ctx.log)
+    summary, rows = runner.run()
+    write_json(out_dir / "summary.json", summary)
+    return summary, rows
+
+
+def _tokens(rows: list[dict]) -> int:
+    return sum(int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# eval: the prompt variants on the base model
+# --------------------------------------------------------------------------------------------------
+class EvalStage:
+    key = "eval"
+    deps: tuple[str, ...] = ()
+
+    def inputs(self, ctx: Ctx) -> dict:
+        r = ctx.r
+        return {"model": model_identity(r.model), "data": file_sha(r.eval_data), "limit": eval_limit(r),
+                "id_field": r.exp.data.id_field, "prompts": {n: p.hash for n, p in r.prompts.items()},
+                "settings": r.exp.eval.model_dump(mode="json", exclude={"use_cache"}), "seed": r.exp.seed}
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.report.html import write_report
+
+        r = ctx.r
+        cfg = eval_config(r, r.prompts, [_model_cfg(r, "base")])
+        (ctx.out / "configs").mkdir(parents=True, exist_ok=True)
+        (ctx.out / "configs" / "eval.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
+        ctx.log(f"eval: {len(r.prompts)} prompt(s) on {r.eval_data.name} with {r.model}")
+        summary, rows = _run_eval(ctx, cfg, d)
+        write_report(d / "report.html", summary, rows, title=f"{r.name}: prompts")
+        _forget_models()
+        best = summary.get("best") or {}
+        cells = {c["variant"]: c["metrics"].get("accuracy") for c in summary["cells"]}
+        return Outcome(_rows_hash(rows), {"best": best.get("variant"), "n_items": summary["n_items"],
+                                          "task": summary["task"], "accuracy": cells}, tokens=_tokens(rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# generate: teacher data
+# --------------------------------------------------------------------------------------------------
+class GenerateStage:
+    key = "generate"
+    deps: tuple[str, ...] = ()
+
+    def _config(self, ctx: Ctx) -> dict:
+        from tunelab.run.resolve import load_generate_dict
+
+        return load_generate_dict(ctx.r)
+
+    def inputs(self, ctx: Ctx) -> dict:
+        cfg = self._config(ctx)
+        files = {}
+        for k, v in _walk(cfg):
+            if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_file():
+                files[k] = file_sha(v)
+        return {"config": cfg, "files": files, "limit": self._limit(ctx)}
+
+    def _limit(self, ctx: Ctx) -> int | None:
+        g = ctx.r.exp.generate
+        lims = [x for x in (g.limit if g else None, ctx.r.limit) if x is not None]
+        return min(lims) if lims else None
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.generate.runner import RunOptions, run_generate
+
+        cfg = self._config(ctx)
+        path = ctx.out / "configs" / "generate.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        ctx.log(f"generate: {cfg.get('pipeline')} with teacher {cfg.get('teacher', {}).get('model')}"
+                + (" (resuming from the journal)" if resume else ""))
+        stats = run_generate(path, RunOptions(out=d, limit=self._limit(ctx)))
+        if stats.get("pending"):
+            raise TunelabError(f"generate: {stats['pending']} inputs are still pending (failed requests or the "
+                               f"budget); rerun `tunelab run` to finish them")
+        data = Path(stats["outputs"]["data"])
+        tok = stats.get("tokens") or {}
+        return Outcome(file_sha(data), {"data": str(data), "kept": stats.get("kept"),
+                                        "dropped": (stats.get("dropped") or {}).get("total"),
+                                        "teacher": (stats.get("teacher") or {}).get("model"),
+                                        "cost_usd": stats.get("cost_usd")},
+                       tokens=int(tok.get("prompt", 0)) + int(tok.get("completion", 0)),
+                       teacher_usd=stats.get("cost_usd"))
+
+
+def _walk(obj: Any, prefix: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _walk(v, f"{prefix}{k}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+# --------------------------------------------------------------------------------------------------
+# train: one method
+# --------------------------------------------------------------------------------------------------
+class TrainStage:
+    def __init__(self, plan: MethodPlan):
+        self.plan = plan
+        self.key = f"train/{plan.entry.name}"
+        deps = []
+        if plan.entry.data == "generated":
+            deps.append("generate")
+        if plan.prompt == "best":
+            deps.append("eval")
+        self.deps = tuple(deps)
+
+    # -- what it trains on --
+    def prompt_ref(self, ctx: Ctx) -> PromptRef:
+        if self.plan.prompt == "best":
+            best = ctx.upstream("eval")["result"]["best"]
+            return ctx.r.prompts[best]
+        assert self.plan.prompt_ref is not None
+        return self.plan.prompt_ref
+
+    def data_path(self, ctx: Ctx) -> Path:
+        d = self.plan.entry.data
+        if d == "gold":
+            assert ctx.r.train_data is not None
+            return ctx.r.train_data
+        if d == "generated":
+            return Path(ctx.upstream("generate")["result"]["data"])
+        p = Path(d).expanduser()
+        return p if p.is_absolute() else (ctx.r.base_dir / p).resolve()
+
+    def _prompt_file(self, ctx: Ctx, ref: PromptRef) -> Path:
+        if ref.path is not None:
+            return ref.path
+        f = ctx.out / "prompts" / f"{ref.name}.yaml"  # written at the start of the run
+        if not f.is_file():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(yaml.safe_dump(ref.spec.resolved_dict(), allow_unicode=True, sort_keys=False),
+                         encoding="utf-8")
+        return f
+
+    def config(self, ctx: Ctx, d: Path | None = None):
+        from tunelab.run.resolve import check_train_dict
+
+        ref = self.prompt_ref(ctx)
+        data = dict(self.plan.base_data)
+        data["data"] = {**data["data"], "path": str(self.data_path(ctx)),
+                        "prompt": str(self._prompt_file(ctx, ref)) if d is not None else "x.yaml"}
+        data["out"] = str(d) if d is not None else "-"
+        return check_train_dict(ctx.r, self.plan, data)
+
+    def inputs(self, ctx: Ctx) -> dict:
+        cfg = self.config(ctx).model_dump(mode="json")
+        cfg.pop("out")
+        cfg["data"].pop("prompt")
+        cfg["data"]["path"] = file_sha(self.data_path(ctx))
+        if cfg.get("forgetting") and cfg["forgetting"].get("data"):
+            cfg["forgetting"]["data"] = file_sha(cfg["forgetting"]["data"])
+        cfg["model"] = model_identity(ctx.r.model)
+        return {"config": cfg, "prompt": self.prompt_ref(ctx).hash,
+                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps if k == "generate"}}
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.train.checkpoint import latest_checkpoint
+        from tunelab.train.command import RECIPES
+
+        resume = resume and latest_checkpoint(d) is not None
+        if not resume and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.config(ctx, d)
+        (ctx.out / "configs").mkdir(parents=True, exist_ok=True)
+        (ctx.out / "configs" / f"train_{self.plan.entry.name}.yaml").write_text(
+            yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
+        ref = self.prompt_ref(ctx)
+        ctx.log(f"train {self.plan.entry.name}: {cfg.method} on {Path(cfg.data.path).name} with prompt {ref.name}"
+                + (" (resuming from the latest checkpoint)" if resume else ""))
+        _forget_models()
+        recipe = importlib.import_module(RECIPES[cfg.method])
+        rep = recipe.run(cfg, resume=resume, log=ctx.log, console=ctx.console)
+        _forget_models()
+        artifact = Path(rep["artifact"])
+        weights = sorted(artifact.glob("*.safetensors"))
+        out_hash = stable_hash([file_sha(w) for w in weights]) if weights else dir_sha(artifact)
+        loss = rep.get("loss") or {}
+        return Outcome(out_hash, {
+            "method": cfg.method, "artifact": str(artifact), "kind": rep.get("artifact_kind"), "prompt": ref.name,
+            "prompt_hash": ref.hash, "data": cfg.data.path, "examples": (rep.get("data") or {}).get("examples"),
+            "steps": rep.get("steps"), "resumed_from": rep.get("resumed_from"), "tokens": rep.get("tokens"),
+            "train_seconds": rep.get("train_seconds"), "tok_s": rep.get("tok_s"), "peak_rss_gb": rep.get("peak_rss_gb"),
+            "trainable": (rep.get("parameters") or {}).get("trainable"),
+            "total_params": (rep.get("parameters") or {}).get("total"),
+            "loss_first": loss.get("first"), "loss_last": loss.get("last"),
+            "lr": cfg.optim.lr, "epochs": cfg.train.epochs, "lora_r": cfg.lora.r if cfg.method == "lora" else None,
+            "forgetting": rep.get("forgetting")}, tokens=int(rep.get("tokens") or 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# eval_after: tuned models vs the best prompt, same items, paired
+# --------------------------------------------------------------------------------------------------
+def paired(a_rows: list[dict], b_rows: list[dict], *, seed: int, confidence: float) -> dict[str, Any]:
+    """B vs A on the items both scored (sample 0): accuracy difference B - A with a paired bootstrap interval
+    and the exact McNemar test. ``b`` = items A got right and B wrong; ``c`` the reverse."""
+    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
+
+    def outcomes(rows: list[dict]) -> dict[str, bool]:
+        return {str(r["item_id"]): bool(r["correct"]) for r in rows
+                if r.get("sample", 0) == 0 and r.get("correct") is not None}
+
+    a, b = outcomes(a_rows), outcomes(b_rows)
+    ids = [i for i in a if i in b]
+    if not ids:
+        return {"n": 0}
+    xa, xb = [a[i] for i in ids], [b[i] for i in ids]
+    test = mcnemar_exact(xa, xb)
+    ci = paired_bootstrap_diff([float(x) for x in xb], [float(x) for x in xa], seed=seed, confidence=confidence)
+    return {"n": len(ids), "a": sum(xa) / len(ids), "b_acc": sum(xb) / len(ids), "diff": ci.value,
+            "diff_low": ci.low, "diff_high": ci.high, "p_value": test.p_value, "lost": test.b, "gained": test.c}
+
+
+class EvalAfterStage:
+    key = "eval_after"
+
+    def __init__(self, trains: list[TrainStage]):
+        self.trains = trains
+        self.deps = ("eval", *(t.key for t in trains))
+
+    def _eval_prompt(self, ctx: Ctx, t: TrainStage) -> PromptRef:
+        p = ctx.r.exp.eval_after.prompt
+        return t.prompt_ref(ctx) if p == "train" else ctx.r.prompts[p]
+
+    def inputs(self, ctx: Ctx) -> dict:
+        r = ctx.r
+        return {"model": model_identity(r.model), "data": file_sha(r.eval_data), "limit": eval_limit(r),
+                "settings": r.exp.eval.model_dump(mode="json", exclude={"use_cache"}), "seed": r.exp.seed,
+                "prompts": {t.plan.entry.name: self._eval_prompt(ctx, t).hash for t in self.trains},
+                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps}}
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.data.io import write_jsonl
+        from tunelab.evaluate.metrics import summarize_cell
+        from tunelab.evaluate.stats import holm_adjust
+
+        r = ctx.r
+        conf, seed = r.exp.eval.confidence, r.exp.seed
+        base_rows = read_jsonl(ctx.out / "eval" / "results.jsonl")
+        best = ctx.upstream("eval")["result"]["best"]
+        if best is None:
+            raise TunelabError("eval_after needs a best prompt, and the eval data has no gold answers")
+        best_rows = [x for x in base_rows if x["variant"] == best]
+        all_rows: list[dict] = []
+        methods: dict[str, dict] = {}
+        for t in self.trains:
+            name = t.plan.entry.name
+            tr = ctx.upstream(t.key)["result"]
+            ref = self._eval_prompt(ctx, t)
+            artifact = Path(tr["artifact"])
+            tuned = (_model_cfg(r, name, adapter=artifact) if tr["kind"] == "adapter"
+                     else _model_cfg(r, name, model=str(artifact)))
+            same = next((n for n, p in r.prompts.items() if p.hash == ref.hash), None)
+            models = [tuned] if same is not None else [_model_cfg(r, "base"), tuned]
+            variant = same or ref.name
+            cfg = eval_config(r, {variant: ref}, models)
+            ctx.log(f"eval_after {name}: {tr['kind']} with prompt {variant} on {r.eval_data.name}")
+            summary, rows = _run_eval(ctx, cfg, d / name)
+            _forget_models()
+            mine = [x for x in rows if x["model"] == name]
+            before = ([x for x in base_rows if x["variant"] == same] if same is not None
+                      else [x for x in rows if x["model"] == "base"])
+            cell = summarize_cell(mine, summary["task"], summary.get("labels"), confidence=conf, seed=seed)
+            methods[name] = {
+                "method": tr["method"], "prompt": variant, "prompt_hash": ref.hash, "artifact": str(artifact),
+                "metrics": cell["metrics"], "n_items": cell["n_items"], "tokens": cell["tokens"],
+                "vs_best": {"baseline": best, **paired(best_rows, mine, seed=seed, confidence=conf)},
+                "vs_before": {"baseline": f"{variant} (base model)",
+                              **paired(before, mine, seed=seed, confidence=conf)},
+            }
+            all_rows += rows
+        names = list(methods)
+        for key in ("vs_best", "vs_before"):
+            adj = holm_adjust([methods[n][key].get("p_value", float("nan")) for n in names])
+            for n, p in zip(names, adj):
+                methods[n][key]["p_holm"] = p
+                methods[n][key]["significant"] = bool(p == p and p < 1 - conf)
+        write_jsonl(d / "results.jsonl", all_rows)
+        write_json(d / "summary.json", {"best_prompt": best, "confidence": conf, "methods": methods})
+        return Outcome(_rows_hash(all_rows), {n: {"accuracy": m["metrics"].get("accuracy"),
+                                                  "vs_best": m["vs_best"]} for n, m in methods.items()},
+                       tokens=_tokens(all_rows))
+
+
+# --------------------------------------------------------------------------------------------------
+# serve: the base model + the adapters behind the OpenAI-compatible server
+# --------------------------------------------------------------------------------------------------
+class ServeStage:
+    key = "serve"
+
+    def __init__(self, trains: list[TrainStage]):
+        self.trains = trains
+        self.deps = tuple(t.key for t in trains)
+
+    def inputs(self, ctx: Ctx) -> dict:
+        s = ctx.r.exp.serve
+        return {"model": model_identity(ctx.r.model), "settings": s.model_dump(mode="json") if s else None,
+                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps}}
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        r, s = ctx.r, ctx.r.exp.serve
+        assert s is not None
+        adapters, others = {}, {}
+        for t in self.trains:
+            tr = ctx.upstream(t.key)["result"]
+            (adapters if tr["kind"] == "adapter" else others)[t.plan.entry.name] = tr["artifact"]
+        model_flag = "" if r.model == "bundled" else f" --model {r.model}"
+        cmd = "tunelab serve" + model_flag + "".join(f" --adapter {n}={p}" for n, p in adapters.items())
+        cmds = [cmd] + [f"tunelab serve --model {p} --served-model-name {n}" for n, p in others.items()]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "command.txt").write_text("\n".join(cmds) + "\n", encoding="utf-8")
+        result: dict[str, Any] = {"mode": s.mode, "commands": cmds}
+        if s.mode == "smoke":
+            result["smoke"] = self._smoke(ctx, adapters, s.max_tokens)
+            write_json(d / "smoke.json", result["smoke"])
+        return Outcome(stable_hash(result), result)
+
+    def _smoke(self, ctx: Ctx, adapters: dict[str, str], max_tokens: int) -> dict:
+        """Start the server in this process, ask each served model one question through the openai client
+        (the first eval item, rendered with the best prompt), stop."""
+        from openai import OpenAI
+
+        from tunelab.data.io import read_records, iter_strip_private
+        from tunelab.serve.app import ServerThread, build_app
+        from tunelab.serve.config import ServeConfig
+
+        r = ctx.r
+        item = next(iter_strip_private(read_records(r.eval_data, limit=1)))
+        best = (ctx.done.get("eval") or {}).get("result", {}).get("best") or next(iter(r.prompts))
+        messages = r.prompts[best].spec.render(item)
+        cfg = ServeConfig(model=None if r.model == "bundled" else r.model, adapters=adapters, port=0,
+                          max_batch=4, default_max_tokens=max_tokens)
+        _forget_models()
+        app = build_app(cfg)
+        base_id = app.state.serving.base_id
+        answers = []
+        with ServerThread(app, port=0) as srv:
+            client = OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            served = [m.id for m in client.models.list().data]
+            for name in [base_id, *adapters]:
+                t0 = time.perf_counter()
+                resp = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens,
+                                                      temperature=0)
+                answers.append({"model": name, "answer": resp.choices[0].message.content,
+                                "finish_reason": resp.choices[0].finish_reason,
+                                "completion_tokens": resp.usage.completion_tokens if resp.usage else None,
+                                "latency_s": round(time.perf_counter() - t0, 3)})
+                ctx.log(f"serve: {name} answered {answers[-1]['answer']!r} in {answers[-1]['latency_s']:.2f}s")
+        _forget_models()
+        return {"ok": True, "served_models": served, "prompt": best, "item_id": str(item.get("id", 0)),
+                "gold": r.prompts[best].spec.gold(item), "answers": answers}
