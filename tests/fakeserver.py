@@ -19,7 +19,9 @@ Standalone (the benchmark starts it this way, in its own process)::
 Behaviour per request, picked by the model name (``fake-label``, ``fake-math``, ``fake-instruct``,
 ``fake-echo``, ``fake-ok``) or, for any other name, from the prompt: a label set (``labels=``) that occurs in
 the prompt -> label; "JSON" and "instruction" in the prompt -> instruct; digits in the last user message ->
-math; else echo.
+math; else echo. A label is derived from a hash of the user message, or, with ``label_fn``, is
+``label_fn(user message)`` (a function the test writes, e.g. the gold label of a known text, flipped for a
+chosen few; ``None`` falls back to the hash).
 
 Faults are deterministic: a rule hits a fixed share (``rate``) of distinct prompts, chosen by hashing the
 prompt, on their first ``attempts`` tries; a retry after that gets a normal answer. ``fault_cycle`` instead
@@ -37,7 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 BAD_ANSWER = "I cannot decide."  # what `wrong_rate` prompts get on their first try (not parseable)
 
@@ -137,7 +139,7 @@ class _State:
 class FakeServer:
     def __init__(self, *, latency: float = 0.0, faults: list[Fault] | tuple = (),
                  fault_cycle: list[Fault | None] | tuple = (), flaw_cycle: list[str | None] | tuple = (),
-                 labels: list[str] | None = None,
+                 labels: list[str] | None = None, label_fn: Callable[[str], str | None] | None = None,
                  api_key: str | None = None, wrong_rate: float = 0.0, inconsistent_rate: float = 0.0,
                  answer_format: str = "The answer is {n}.", tasks_per_response: int = 5,
                  host: str = "127.0.0.1", port: int = 0):
@@ -148,6 +150,7 @@ class FakeServer:
         self.flaw_cycle = list(flaw_cycle)  # "bad" | "inconsistent" | None, dealt to distinct questions
         self._flaws: dict[str, str | None] = {}
         self.labels = list(labels or [])
+        self.label_fn = label_fn
         self.api_key = api_key
         self.wrong_rate = wrong_rate
         self.inconsistent_rate = inconsistent_rate
@@ -407,6 +410,10 @@ class FakeServer:
         if not repair and mode != "ok" and (flaw == "bad" or (self.wrong_rate and _frac("wrong", km) < self.wrong_rate)):
             return BAD_ANSWER
         if mode == "label":
+            if self.label_fn is not None:
+                lab = self.label_fn(km)
+                if lab is not None:
+                    return lab
             if not self.labels:
                 return "Positive"
             return self.labels[_h("label", km) % len(self.labels)]
