@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/tunelab eval examples/eval_nsmc.yaml --out runs/demo
+	$(BIN)/tunelab run examples/experiments/nsmc.yaml --out runs/demo
 
 # Headless Chromium for the report's browser test (Debian packages; skipped where apt is not available).
 browser:

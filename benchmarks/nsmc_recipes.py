@@ -32,14 +32,19 @@ BINARY = {"train": DATA / "nsmc_binary_train_4000.jsonl", "dev": DATA / "nsmc_bi
           "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 THREE = {"train": DATA / "nsmc_three_train_6000.jsonl", "dev": DATA / "nsmc_three_dev_900.jsonl",
          "prompt": PROMPTS / "sentiment_three_short.yaml"}
+# the demo's budget: the shorter half of all 4000 training reviews (<= 85 tokens with the prompt), same dev set
+DEMO_SHORT = {"train": DATA / "nsmc_binary_train_4000.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
+              "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
         "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 
 
 def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int = 16, alpha: float | None = None,
-           batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0) -> dict:
+           batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
+           save: list[str] | None = None, max_len: int = 512) -> dict:
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
-            "batch": batch, "limit": limit, "warmup": warmup, "wd": wd}
+            "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
+            "max_len": max_len}
 
 
 RECIPES = {
@@ -50,6 +55,7 @@ RECIPES = {
     "lora_r16_lr1e-3_e3": recipe(BINARY, lr=1e-3, epochs=3),
     "lora_r64_lr5e-4_e3": recipe(BINARY, lr=5e-4, epochs=3, r=64),
     "lora_r16_lr2e-3_e3_b32": recipe(BINARY, lr=2e-3, epochs=3, batch=32),
+    "full_lr5e-5_e1": recipe(BINARY, "full", lr=5e-5, epochs=1, wd=0.01),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
@@ -60,6 +66,8 @@ RECIPES = {
     "demo_lora_lr1e-3_e1": recipe(DEMO, lr=1e-3, epochs=1),
     "demo_lora_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8),
     "demo_lora_lr1e-3_e2_b8": recipe(DEMO, lr=1e-3, epochs=2, batch=8),
+    "demo_lora_emb_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"]),
+    "demo_short_lora_lr5e-4_e1_b8": recipe(DEMO_SHORT, lr=5e-4, epochs=1, batch=8, max_len=85),
     "demo_full_lr5e-5_e2_b8": recipe(DEMO, "full", lr=5e-5, epochs=2, batch=8, wd=0.01),
     "demo_lora_lr1e-3_e2": recipe(DEMO, lr=1e-3, epochs=2),
     "demo_lora_lr2e-3_e2_b8": recipe(DEMO, lr=2e-3, epochs=2, batch=8),
@@ -72,8 +80,9 @@ def train_config(name: str, spec: dict, args) -> dict:
     micro = min(spec["batch"], args.micro_batch)
     return {
         "name": name, "method": spec["method"], "model": args.model, "out": str(Path(args.out) / name),
-        "data": {"path": str(t["train"]), "prompt": str(t["prompt"]), "max_seq_len": 512, "limit": args.limit or spec["limit"]},
-        "lora": {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": str(t["train"]), "prompt": str(t["prompt"]), "max_seq_len": spec["max_len"], "limit": args.limit or spec["limit"]},
+        "lora": {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear",
+                 "modules_to_save": spec["save"]},
         "optim": {"lr": spec["lr"], "warmup_ratio": spec["warmup"], "weight_decay": spec["wd"]},
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "micro_batch_size": micro,
                   "micro_batch_tokens": None if args.device == "cuda" else 2048, "seed": args.seed,

@@ -67,6 +67,21 @@ def test_lora_quick_form_leaves_a_peft_adapter_and_a_report(tmp_path, tiny_model
     model.set_adapter("second")
 
 
+def test_lora_with_trained_embeddings_saves_them_in_the_adapter(tmp_path, tiny_model_dir, chat_file):
+    out = tmp_path / "emb"
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2",
+                          "--set", "lora.modules_to_save=[embed_tokens]"))
+    assert p.returncode == 0, p.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("embed_tokens" in k for k in keys), keys
+    assert any("lora_A" in k for k in keys)
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["embed_tokens"]
+
+
 def test_dry_run_trains_nothing(tmp_path, tiny_model_dir, chat_file):
     out = tmp_path / "dry"
     p = run_train(*common(tiny_model_dir, chat_file, out), "--dry-run")

@@ -39,6 +39,9 @@ class LoraSettings(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear",
                                             description="'all-linear' or module names, e.g. [q_proj, v_proj]")
+    modules_to_save: list[str] | None = Field(
+        None, description="modules trained in full and saved with the adapter, e.g. [embed_tokens] (input "
+                          "embeddings: new vocabulary or a script the base model saw little of; a large adapter)")
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the frozen base Linear weights; auto: the autocast dtype "
                             "(saves the per-step weight casts and half their memory)")

@@ -22,7 +22,8 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None 
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none")
+                     target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none",
+                     modules_to_save=settings.modules_to_save)
     model = get_peft_model(model, cfg)
     # Let lora_A read its input in the dtype it arrives in (bf16 under autocast): PEFT would otherwise copy it
     # to fp32 first, only for autocast to cast it back for the matmul (same numbers, two more saved copies).
