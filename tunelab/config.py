@@ -132,6 +132,36 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
     return f"{loc or '<root>'}: {msg}"
 
 
+def field_line(path: Path, loc: tuple) -> int | None:
+    """The line of the YAML key at ``loc`` (or of its deepest existing parent), for error messages."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError):
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def yaml_where(path: str | Path, dotted: str) -> str:
+    """``file:line`` of the field ``a.b.0.c`` in a YAML file (just the file when the line is unknown)."""
+    loc = tuple(int(x) if x.isdigit() else x for x in dotted.split(".")) if dotted else ()
+    line = field_line(Path(path), loc) if loc else None
+    return f"{path}:{line}" if line else str(path)
+
+
 def validate_as(model: type[M], data: Any, source: str | Path) -> M:
     """Validate ``data`` as ``model``; errors name the file and the field path."""
     if data is None:
@@ -139,7 +169,9 @@ def validate_as(model: type[M], data: Any, source: str | Path) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, model), where=str(source)) from None
+        loc, msg = describe_validation_error(e, model)
+        where = yaml_where(source, loc) if Path(str(source)).is_file() else str(source)
+        raise ConfigError(f"{loc or '<root>'}: {msg}", where=where) from None
 
 
 def load_config(model: type[M], path: str | Path) -> M:

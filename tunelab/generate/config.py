@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from tunelab.config import StrictModel, format_validation_error, load_yaml
+from tunelab.config import StrictModel, field_line, format_validation_error, load_yaml
 from tunelab.errors import ConfigError
 
 Pipeline = Literal["label", "respond", "self-instruct"]
@@ -143,29 +142,6 @@ class GenerateConfig(StrictModel):
     contamination: ContaminationConfig | None = None
     cache: bool = Field(True, description="reuse answers from tunelab's response cache (repeated runs are free)")
     seed: int = 0
-
-
-def field_line(path: Path, loc: tuple) -> int | None:
-    """The line of the YAML key at ``loc`` (or of its deepest existing parent), for error messages."""
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError):
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == str(part):
-                    line, node = k.start_mark.line + 1, v
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
 
 
 def load_generate_config(path: str | Path) -> GenerateConfig:

@@ -103,6 +103,12 @@ def loss_curves(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, s
                 ax.plot(x, y, lw=1.5, color=c, marker="o", ms=3, label=name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss per target token")
+        # The first steps of SFT often start 10-50x above where training settles (the answer format is not
+        # learned yet); a log axis keeps the part that matters - the plateau and the descent - readable.
+        ys = np.concatenate([np.asarray(v[1], dtype=float) for v in series.values()]) if series else np.array([])
+        ys = ys[np.isfinite(ys) & (ys > 0)]
+        if len(ys) and ys.max() / ys.min() > 10:
+            ax.set_yscale("log")
         ax.grid(color="#e5e5e5")
         ax.set_axisbelow(True)
         if series:

@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import GenerationConfig, StrictModel, describe_validation_error, load_yaml
+from tunelab.config import GenerationConfig, StrictModel, describe_validation_error, field_line, load_yaml
 from tunelab.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -142,29 +141,6 @@ class Experiment(StrictModel):
 # --------------------------------------------------------------------------------------------------
 # loading, with file:line errors
 # --------------------------------------------------------------------------------------------------
-def field_line(path: Path, loc: tuple) -> int | None:
-    """The line of the YAML key at ``loc`` (or of its deepest existing parent)."""
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError):
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if k.value == str(part):
-                    line, node = k.start_mark.line + 1, v
-                    break
-            else:
-                return line
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            return line
-    return line
-
-
 def where(path: Path, *loc: Any) -> str:
     line = field_line(path, tuple(loc)) if loc else None
     return f"{path}:{line}" if line else str(path)

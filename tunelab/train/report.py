@@ -369,31 +369,9 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
 def loss_svg(history: list[dict[str, Any]]) -> str:
     if not history:
         return "<p>no steps</p>"
-    import io
+    from tunelab.report.plots import loss_curves
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], lw=1, label="loss")
-    if len(history) >= 10:
-        k = max(2, len(history) // 20)
-        sm = [sum(h["loss"] for h in history[max(0, i - k + 1):i + 1]) / len(history[max(0, i - k + 1):i + 1])
-              for i in range(len(history))]
-        ax.plot(steps, sm, lw=2, label=f"mean of {k}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean per target token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    svg = buf.getvalue()
-    return svg[svg.find("<svg"):]
+    return loss_curves({"loss": ([h["step"] for h in history], [h["loss"] for h in history])})
 
 
 def _row(k: str, v: Any) -> str:
