@@ -298,7 +298,10 @@ def load_base_model(run: Run) -> torch.nn.Module:
             run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
     cast_norm_outputs(model)
     if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(run.device)
 
 
