@@ -97,7 +97,8 @@ def train_config(name: str, spec: dict, args) -> dict:
 def run_one(name: str, spec: dict, args) -> dict:
     import importlib
 
-    from tunelab.train.config import validate_as, TrainConfig
+    from tunelab.config import validate_as
+    from tunelab.train.config import TrainConfig
 
     cfg = validate_as(TrainConfig, train_config(name, spec, args), f"<recipe {name}>")
     module = importlib.import_module(f"tunelab.train.{spec['method']}")

@@ -56,7 +56,6 @@ def main() -> None:
         model = lora.attach_lora(model, cfg.lora, run)
     cuda = run.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    steps_seen: list[float] = []
 
     # one warm-up step outside the profiler, then the profiled steps
     cfg.train.max_steps = 1
@@ -68,13 +67,12 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    steps_seen = [h["tokens"] for h in res.history]
-    tokens = steps_seen[-1] if steps_seen else 0
+    tokens = res.history[-1]["tokens"] if res.history else 0
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
     cpu_ops_us = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: getattr(e, sort.replace("_total", "_total"), 0), reverse=True)[:5]
+    top = sorted(events, key=lambda e: getattr(e, sort, 0), reverse=True)[:5]
     figures = {"device": str(run.device), "method": args.method, "steps": len(res.history), "tokens": tokens,
                "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1) if wall else None,
                "op_share": round(cpu_ops_us / 1e6 / wall, 3) if wall else None,
