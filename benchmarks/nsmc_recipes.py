@@ -58,6 +58,7 @@ RECIPES = {
     "full_lr5e-5_e1": recipe(BINARY, "full", lr=5e-5, epochs=1, wd=0.01),
     "full_lr5e-5_e1_b8": recipe(BINARY, "full", lr=5e-5, epochs=1, batch=8, wd=0.01),
     "lora_r16_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8),
+    "lora_r16_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
