@@ -65,6 +65,8 @@ RECIPES = {
     # three-class
     "three_lora_r16_lr1e-3_e2": recipe(THREE, lr=1e-3, epochs=2),
     "three_full_lr5e-5_e2": recipe(THREE, "full", lr=5e-5, epochs=2, wd=0.01),
+    "three_lora_r16_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8),
+    "three_lora_r16_lr5e-4_e2_b8": recipe(THREE, lr=5e-4, epochs=2, batch=8),
     # demo-sized (512 reviews, 200 dev): what fits the 15-minute demo on 2 cores
     "demo_lora_lr1e-3_e1": recipe(DEMO, lr=1e-3, epochs=1),
     "demo_lora_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8),

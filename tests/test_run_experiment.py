@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from scipy.stats import binomtest
 
 from test_run_support import (ROOT, actions, experiment, ok, read_jsonl, run_env, state, tunelab,
                               write_experiment)
-from test_train_support import tiny_model_dir  # noqa: F401
+from test_train_support import sigkill_after_checkpoint, tiny_model_dir  # noqa: F401
 
 STAGES = ["eval", "train/lora", "eval_after", "serve"]
 
@@ -159,21 +156,8 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path): 
     path = write_experiment(tmp_path / "exp.yaml", exp)
     out = tmp_path / "out"
     env = run_env(tmp_path, TUNELAB_TRAIN_STEP_SLEEP="0.4")
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "run", str(path), "--out", str(out)], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = out / "train" / "lora" / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if latest.is_file() and latest.read_text().strip() >= "step-000002":
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_after_checkpoint([sys.executable, "-m", "tunelab.cli", "run", str(path), "--out", str(out)], env,
+                             out / "train" / "lora" / "checkpoints" / "latest", step=2)
     assert actions(out) == {"eval": ("done", "ran"), "train/lora": ("running", "ran")}
     assert not (out / "train" / "lora" / "adapter").exists()
     p = ok(tunelab("run", path, "--out", out, env=run_env(tmp_path)))

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from test_train_support import ROOT, chat_rows, reviews, tiny_model_dir, train_env, tunelab_cmd, \
-    write_jsonl  # noqa: F401
+from test_train_support import ROOT, chat_rows, reviews, sigkill_after_checkpoint, tiny_model_dir, train_env, \
+    tunelab_cmd, write_jsonl  # noqa: F401
 
 
 def run_train(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -99,17 +97,8 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model_
     assert p.returncode == 0, p.stderr
     out = tmp_path / "killed"
     env = {**train_env(), "TUNELAB_TRAIN_STEP_SLEEP": "0.3"}
-    proc = subprocess.Popen(tunelab_cmd("train", *common(tiny_model_dir, chat_file, out, *args)), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    latest = out / "checkpoints" / "latest"
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() >= "step-000006":
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    sigkill_after_checkpoint(tunelab_cmd("train", *common(tiny_model_dir, chat_file, out, *args)), env,
+                             out / "checkpoints" / "latest", step=6, timeout=180)
     assert not (out / "adapter").exists()
     killed_at = len(losses(out))
     assert 6 <= killed_at < 12

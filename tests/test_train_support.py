@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,24 @@ def train_env(threads: int = 1) -> dict:
 
 def tunelab_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "tunelab.cli", *args]
+
+
+def sigkill_after_checkpoint(cmd: list[str], env: dict, latest: Path, step: int, timeout: float = 240) -> None:
+    """Start ``cmd``, wait until the checkpoint pointer ``latest`` names step >= ``step``, then SIGKILL it (no
+    cleanup handlers run, as after a crash or an OOM kill). Fails if the process ends on its own first."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if latest.is_file() and latest.read_text().strip() >= f"step-{step:06d}":
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")
