@@ -11,6 +11,7 @@ prompt format), so the smallest config is three lines::
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,25 @@ class LoraSettings(StrictModel):
         return v
 
 
+class ParamGroup(StrictModel):
+    """Trainable parameters whose name matches ``match`` (a regular expression, searched) train with their own
+    learning-rate multiplier and/or weight decay: e.g. ``{match: embed_tokens, lr_scale: 0.1}`` for embeddings
+    trained next to LoRA (``lora.modules_to_save``), or ``{match: lora_B, lr_scale: 16}`` (LoRA+)."""
+
+    match: str = Field(description="regular expression searched in parameter names; the first matching group wins")
+    lr_scale: float = Field(1.0, gt=0, description="this group's lr = optim.lr x lr_scale, same schedule")
+    weight_decay: float | None = Field(None, ge=0.0, description="null: optim.weight_decay (0 for 1-D tensors)")
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        return v
+
+
 class OptimConfig(StrictModel):
     lr: float = Field(2e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
@@ -66,6 +86,8 @@ class OptimConfig(StrictModel):
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="final lr as a share of lr (cosine/linear)")
     clip_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping")
+    param_groups: list[ParamGroup] = Field(default_factory=list, description="per-parameter lr multipliers / "
+                                                                             "weight decay, by name")
 
 
 class LoopConfig(StrictModel):

@@ -472,13 +472,31 @@ def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def build_optimizer(run: Run, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = run.cfg.optim
-    decay = [p for n, p in named.items() if p.ndim >= 2]
-    no_decay = [p for n, p in named.items() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    """AdamW over the trainable parameters: weight decay on matrices only; ``optim.param_groups`` give the
+    parameters they match (first match wins) their own lr multiplier (``lr_scale``, read by the schedule)."""
+    return torch.optim.AdamW(param_groups(run.cfg.optim, named), lr=run.cfg.optim.lr, betas=run.cfg.optim.betas,
+                             eps=run.cfg.optim.eps)
+
+
+def param_groups(o, named: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
+    import re
+
+    buckets: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
+    for n, p in named.items():
+        k = next((i for i, g in enumerate(o.param_groups) if re.search(g.match, n)), -1)
+        buckets.setdefault((k, p.ndim >= 2), []).append(p)
+    for i, g in enumerate(o.param_groups):
+        if not any(k == i for k, _ in buckets):
+            example = next(iter(named), "")
+            raise ConfigError(f"optim.param_groups[{i}].match {g.match!r} matches no trainable parameter "
+                              f"(names look like {example!r})", where="optim.param_groups")
+    groups = []
+    for (k, matrix), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        spec = o.param_groups[k] if k >= 0 else None
+        wd = spec.weight_decay if spec is not None and spec.weight_decay is not None else o.weight_decay
+        groups.append({"params": params, "weight_decay": wd if matrix else 0.0,
+                       "lr_scale": spec.lr_scale if spec is not None else 1.0})
+    return groups
 
 
 def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path) -> dict:
@@ -545,7 +563,7 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
             t0 = time.perf_counter()
             lr = o.lr * lr_factor(step, plan.total_steps, plan.warmup, o.schedule, o.min_lr_ratio)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)
             idx = plan.step_examples(step)
             step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
             micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size,

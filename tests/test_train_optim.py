@@ -1,0 +1,75 @@
+"""optim.param_groups: per-parameter learning-rate multipliers and weight decay, by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train_run import chat_file, common, run_train  # noqa: F401
+from test_train_support import tiny_model_dir  # noqa: F401
+from tunelab.config import validate_as
+from tunelab.errors import ConfigError
+from tunelab.train.config import OptimConfig
+from tunelab.train.loop import param_groups
+
+
+def named() -> dict[str, torch.nn.Parameter]:
+    shapes = {"model.embed_tokens.modules_to_save.default.weight": (10, 4), "model.layers.0.q.lora_A.weight": (2, 4),
+              "model.layers.0.q.lora_B.weight": (4, 2), "model.norm.weight": (4,)}
+    return {n: torch.nn.Parameter(torch.zeros(s)) for n, s in shapes.items()}
+
+
+def optim(groups: list[dict], **kw) -> OptimConfig:
+    return validate_as(OptimConfig, {"lr": 1e-3, "weight_decay": 0.1, "param_groups": groups, **kw}, "<test>")
+
+
+def test_groups_split_by_first_match_with_their_scale_and_decay():
+    params = named()
+    groups = param_groups(optim([{"match": "lora_B", "lr_scale": 16},
+                                 {"match": "embed_tokens|lora_B", "lr_scale": 0.1, "weight_decay": 0.0}]), params)
+    by_id = {id(p): n for n, p in params.items()}
+    got = sorted((sorted(by_id[id(p)].split(".")[-2] for p in g["params"]), g["lr_scale"], g["weight_decay"])
+                 for g in groups)
+    assert got == [(["default"], 0.1, 0.0), (["lora_A"], 1.0, 0.1), (["lora_B"], 16, 0.1), (["norm"], 1.0, 0.0)]
+    # every trainable parameter in exactly one group
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in params.values())
+
+
+def test_no_groups_is_decay_on_matrices_only():
+    groups = param_groups(optim([]), named())
+    assert [(len(g["params"]), g["weight_decay"], g["lr_scale"]) for g in groups] == [(3, 0.1, 1.0), (1, 0.0, 1.0)]
+
+
+def test_a_group_that_matches_nothing_is_an_error():
+    with pytest.raises(ConfigError, match=r"param_groups\[0\]\.match 'embed_token\$' matches no trainable"):
+        param_groups(optim([{"match": "embed_token$"}]), named())
+
+
+def test_a_bad_regular_expression_is_a_config_error():
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        optim([{"match": "lora_(B"}])
+
+
+def lora_b_max(out) -> float:
+    w = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    return max(v.abs().max().item() for k, v in w.items() if "lora_B" in k)
+
+
+def test_lr_scale_reaches_the_optimizer_through_the_cli(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+    # lora_B starts at zero: with a vanishing lr it stays (almost) zero, with the plain lr it moves
+    plain, frozen = tmp_path / "plain", tmp_path / "frozen"
+    p = run_train(*common(tiny_model_dir, chat_file, plain, "--max-steps", "3"))
+    assert p.returncode == 0, p.stderr
+    p = run_train(*common(tiny_model_dir, chat_file, frozen, "--max-steps", "3",
+                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]"))
+    assert p.returncode == 0, p.stderr
+    assert lora_b_max(plain) > 1e-3
+    assert lora_b_max(frozen) < 1e-7
+
+
+def test_unmatched_group_through_the_cli_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+    p = run_train(*common(tiny_model_dir, chat_file, tmp_path / "x", "--max-steps", "1",
+                          "--set", "optim.param_groups=[{match: no_such_param}]"))
+    assert p.returncode == 2
+    assert "matches no trainable parameter" in p.stderr and "Traceback" not in p.stderr
