@@ -41,10 +41,10 @@ DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binar
 
 def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int = 16, alpha: float | None = None,
            batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
-           save: list[str] | None = None, max_len: int = 512) -> dict:
+           save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None) -> dict:
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
             "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
-            "max_len": max_len}
+            "max_len": max_len, "groups": groups or []}
 
 
 RECIPES = {
@@ -59,6 +59,11 @@ RECIPES = {
     "full_lr5e-5_e1_b8": recipe(BINARY, "full", lr=5e-5, epochs=1, batch=8, wd=0.01),
     "lora_r16_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8),
     "lora_r16_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8),
+    # not measured yet: embeddings trained next to LoRA at a tenth of its lr; LoRA+ (lora_B at 16x)
+    "lora_emb_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, save=["embed_tokens"],
+                                    groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
+    "loraplus_lr2e-4_e1_b8": recipe(BINARY, lr=2e-4, epochs=1, batch=8,
+                                    groups=[{"match": "lora_B", "lr_scale": 16}]),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
@@ -88,7 +93,8 @@ def train_config(name: str, spec: dict, args) -> dict:
         "data": {"path": str(t["train"]), "prompt": str(t["prompt"]), "max_seq_len": spec["max_len"], "limit": args.limit or spec["limit"]},
         "lora": {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear",
                  "modules_to_save": spec["save"]},
-        "optim": {"lr": spec["lr"], "warmup_ratio": spec["warmup"], "weight_decay": spec["wd"]},
+        "optim": {"lr": spec["lr"], "warmup_ratio": spec["warmup"], "weight_decay": spec["wd"],
+                  "param_groups": spec["groups"]},
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "micro_batch_size": micro,
                   "micro_batch_tokens": None if args.device == "cuda" else 2048, "seed": args.seed,
                   "device": args.device, "log_every": 10, "threads": args.threads},
