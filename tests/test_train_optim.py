@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -73,3 +75,25 @@ def test_unmatched_group_through_the_cli_is_one_line_exit_2(tmp_path, tiny_model
                           "--set", "optim.param_groups=[{match: no_such_param}]"))
     assert p.returncode == 2
     assert "matches no trainable parameter" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_resume_takes_lr_scale_from_the_config_and_refuses_other_groups(tmp_path, tiny_model_dir,  # noqa: F811
+                                                                       chat_file):  # noqa: F811
+    out = tmp_path / "run"
+    first = ["--max-steps", "2", "--checkpoint-every", "1"]
+    p = run_train(*common(tiny_model_dir, chat_file, out, *first,
+                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]"))
+    assert p.returncode == 0, p.stderr
+    shutil.rmtree(out / "adapter")
+    # a different split of the parameters: one clear line, exit 2, the checkpoint kept
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every", "1",
+                          "--set", "optim.param_groups=[]"), "--resume")
+    assert p.returncode == 2, p.stderr
+    assert "optim.param_groups" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "checkpoints" / "latest").is_file()
+    # the same split with another lr_scale: the config's value applies, as optim.lr's does
+    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every", "1",
+                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0}]"), "--resume")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from step-000001" in p.stderr
+    assert lora_b_max(out) > 1e-4

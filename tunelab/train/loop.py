@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -30,7 +31,7 @@ from tunelab.errors import ConfigError, ModelError, TunelabError
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
 from tunelab.train.collate import Batch, collate
-from tunelab.train.config import TrainConfig
+from tunelab.train.config import OptimConfig, TrainConfig
 from tunelab.train.data import Example, TrainData
 
 
@@ -478,9 +479,7 @@ def build_optimizer(run: Run, named: dict[str, torch.nn.Parameter]) -> torch.opt
                              eps=run.cfg.optim.eps)
 
 
-def param_groups(o, named: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
-    import re
-
+def param_groups(o: OptimConfig, named: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
     buckets: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
     for n, p in named.items():
         k = next((i for i, g in enumerate(o.param_groups) if re.search(g.match, n)), -1)
@@ -520,7 +519,16 @@ def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimize
     with torch.no_grad():
         for n, p in named.items():
             p.copy_(loaded["weights"][n].to(p.device, p.dtype))
-    optimizer_from_files(optimizer, *loaded["optimizer"])
+    # The config's per-group hyper-parameters win over the checkpoint's, as optim.lr does (the schedule is
+    # recomputed every step); the split of the parameters into groups must be the one the checkpoint has.
+    config_groups = [{k: g[k] for k in ("lr_scale", "weight_decay")} for g in optimizer.param_groups]
+    try:
+        optimizer_from_files(optimizer, *loaded["optimizer"])
+    except ValueError as e:
+        raise ConfigError(f"the checkpoint's optimizer does not fit this run's parameter groups ({e}): resume "
+                          "with the same optim.param_groups matches", where=str(ck)) from None
+    for g, want in zip(optimizer.param_groups, config_groups):
+        g.update(want)
     if loaded["rng"] is not None:
         rng_from_files(*loaded["rng"])
     history = []
