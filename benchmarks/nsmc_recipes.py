@@ -41,10 +41,11 @@ DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binar
 
 def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int = 16, alpha: float | None = None,
            batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
-           save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None) -> dict:
+           save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None,
+           prompt_w: float = 0.0) -> dict:
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
             "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
-            "max_len": max_len, "groups": groups or []}
+            "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w}
 
 
 RECIPES = {
@@ -64,6 +65,12 @@ RECIPES = {
                                     groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "loraplus_lr2e-4_e1_b8": recipe(BINARY, lr=2e-4, epochs=1, batch=8,
                                     groups=[{"match": "lora_B", "lr_scale": 16}]),
+    # the review tokens trained as language modelling next to the label (train.prompt_loss_weight)
+    "lora_pl0.1_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, prompt_w=0.1),
+    "lora_pl0.1_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8, prompt_w=0.1),
+    "lora_pl1_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, prompt_w=1.0),
+    "lora_emb_pl0.1_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, save=["embed_tokens"], prompt_w=0.1,
+                                          groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
@@ -72,6 +79,7 @@ RECIPES = {
     "three_full_lr5e-5_e2": recipe(THREE, "full", lr=5e-5, epochs=2, wd=0.01),
     "three_lora_r16_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8),
     "three_lora_r16_lr5e-4_e2_b8": recipe(THREE, lr=5e-4, epochs=2, batch=8),
+    "three_lora_pl0.1_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8, prompt_w=0.1),
     # demo-sized (512 reviews, 200 dev): what fits the 15-minute demo on 2 cores
     "demo_lora_lr1e-3_e1": recipe(DEMO, lr=1e-3, epochs=1),
     "demo_lora_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8),
@@ -97,7 +105,8 @@ def train_config(name: str, spec: dict, args) -> dict:
                   "param_groups": spec["groups"]},
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "micro_batch_size": micro,
                   "micro_batch_tokens": None if args.device == "cuda" else 2048, "seed": args.seed,
-                  "device": args.device, "log_every": 10, "threads": args.threads},
+                  "device": args.device, "log_every": 10, "threads": args.threads,
+                  "prompt_loss_weight": spec["prompt_w"]},
         "eval": {"data": str(t["dev"]), "limit": args.eval_limit},
         "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1},
     }
@@ -117,7 +126,7 @@ def run_one(name: str, spec: dict, args) -> dict:
     wall = time.perf_counter() - t0
     ev = rep["eval"]["variants"]["trained"]
     return {"recipe": name, "method": spec["method"], "lr": spec["lr"], "epochs": spec["epochs"], "r": spec["r"],
-            "batch": spec["batch"], "train": Path(spec["task"]["train"]).name,
+            "batch": spec["batch"], "prompt_w": spec["prompt_w"], "train": Path(spec["task"]["train"]).name,
             "dev": Path(spec["task"]["dev"]).name, "examples": rep["data"]["examples"],
             "train_tokens": rep["tokens"], "train_s": rep["train_seconds"], "wall_s": round(wall, 1),
             "tok_s": rep["tok_s"], "peak_rss_gb": rep["peak_rss_gb"], "device": rep["device"],

@@ -11,12 +11,14 @@ what the same sequences would compute one by one (tested). Two ways to stop it:
   transformers uses as given; works with any attention implementation.
 
 Only the positions that predict a target token are listed (``pred_rows``, ``pred_cols``): the loss applies
-the output projection there only.
+the output projection there only. With ``prompt_targets`` every other token of an example (system prompt,
+user turn: everything that is not the answer) is listed as well, after all the answer targets
+(``targets[n_answer:]``), for a language-modelling loss on the prompt (``train.prompt_loss_weight``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,10 +36,12 @@ class Batch:
     n_tokens: int                 # real (non-padding) tokens
     n_examples: int
     segments: list[int] | None = None  # varlen: sequence boundaries in the single row, [0, l1, l1+l2, ...]
+    n_answer: int | None = None   # targets[:n_answer] are answer targets, the rest prompt targets; None: all
 
     @property
     def n_targets(self) -> int:
-        return int(self.targets.numel())
+        """Answer targets (the prompt targets of ``prompt_targets`` not counted)."""
+        return int(self.targets.numel()) if self.n_answer is None else self.n_answer
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +51,7 @@ class Batch:
         mask = self.attention_mask.to(device) if self.attention_mask is not None else None
         return Batch(self.input_ids.to(device), self.position_ids.to(device), mask, self.pred_rows.to(device),
                      self.pred_cols.to(device), self.targets.to(device), self.n_tokens, self.n_examples,
-                     self.segments)
+                     self.segments, self.n_answer)
 
 
 def plan_rows(lengths: list[int], pack_len: int) -> list[list[int]]:
@@ -68,21 +72,21 @@ def plan_rows(lengths: list[int], pack_len: int) -> list[list[int]]:
 
 
 def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 1024, pad_id: int = 0,
-            varlen: bool = False) -> Batch:
+            varlen: bool = False, prompt_targets: bool = False) -> Batch:
     """Build a batch: one varlen row (``packing`` and ``varlen``), packed rows with a block-diagonal mask
-    (``packing``), or one right-padded row per example."""
+    (``packing``), or one right-padded row per example. ``prompt_targets``: also list the non-answer tokens."""
     if not examples:
         raise ValueError("empty batch")
     lengths = [len(e) for e in examples]
     if packing and varlen:
-        return _varlen(examples, lengths)
+        return _varlen(examples, lengths, prompt_targets)
     rows = plan_rows(lengths, pack_len) if packing else [[i] for i in range(len(examples))]
     B = len(rows)
     T = max(sum(lengths[i] for i in r) for r in rows)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)  # sequence id per token; -1 = padding
-    pr, pc, tg = [], [], []
+    answer, prompt = _Targets(), _Targets()
     for b, r in enumerate(rows):
         col = 0
         for s, i in enumerate(r):
@@ -90,11 +94,7 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
             ids[b, col:col + n] = torch.tensor(ex.input_ids)
             pos[b, col:col + n] = torch.arange(n)
             seg[b, col:col + n] = s
-            for t in range(1, n):
-                if ex.targets[t]:
-                    pr.append(b)
-                    pc.append(col + t - 1)  # the hidden state at t-1 predicts token t
-                    tg.append(ex.input_ids[t])
+            _collect(ex, b, col, answer, prompt if prompt_targets else None)
             col += n
         if col < T:
             pos[b, col:] = torch.arange(T - col)
@@ -104,23 +104,45 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
     mask = causal & same & real
     # Padding queries see themselves only: no all-masked rows (NaN in attention), no effect on real tokens.
     mask |= torch.eye(T, dtype=torch.bool) & (seg < 0)[:, :, None]
-    return Batch(ids, pos, mask[:, None], torch.tensor(pr, dtype=torch.long), torch.tensor(pc, dtype=torch.long),
-                 torch.tensor(tg, dtype=torch.long), sum(lengths), len(examples))
+    return _batch(ids, pos, mask[:, None], answer, prompt if prompt_targets else None, sum(lengths),
+                  len(examples))
 
 
-def _varlen(examples: list[Example], lengths: list[int]) -> Batch:
-    ids, pos, pr, pc, tg, segments = [], [], [], [], [], [0]
+def _varlen(examples: list[Example], lengths: list[int], prompt_targets: bool) -> Batch:
+    ids, pos, segments = [], [], [0]
+    answer, prompt = _Targets(), _Targets()
     col = 0
     for ex, n in zip(examples, lengths):
         ids += ex.input_ids
         pos += range(n)
-        for t in range(1, n):
-            if ex.targets[t]:
-                pc.append(col + t - 1)
-                tg.append(ex.input_ids[t])
+        _collect(ex, 0, col, answer, prompt if prompt_targets else None)
         col += n
         segments.append(col)
-    pr = [0] * len(pc)
-    return Batch(torch.tensor([ids]), torch.tensor([pos]), None, torch.tensor(pr, dtype=torch.long),
-                 torch.tensor(pc, dtype=torch.long), torch.tensor(tg, dtype=torch.long), col, len(examples),
-                 segments)
+    return _batch(torch.tensor([ids]), torch.tensor([pos]), None, answer, prompt if prompt_targets else None, col,
+                  len(examples), segments)
+
+
+@dataclass
+class _Targets:
+    rows: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+
+
+def _collect(ex: Example, row: int, col: int, answer: _Targets, prompt: _Targets | None) -> None:
+    """The positions of ``ex`` (placed at ``row``, from ``col``) that predict a target; the hidden state at
+    t-1 predicts token t."""
+    for t in range(1, len(ex)):
+        into = answer if ex.targets[t] else prompt
+        if into is not None:
+            into.rows.append(row)
+            into.cols.append(col + t - 1)
+            into.ids.append(ex.input_ids[t])
+
+
+def _batch(ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, answer: _Targets,
+           prompt: _Targets | None, n_tokens: int, n_examples: int, segments: list[int] | None = None) -> Batch:
+    both = [answer] if prompt is None else [answer, prompt]
+    cat = lambda f: torch.tensor([v for t in both for v in getattr(t, f)], dtype=torch.long)  # noqa: E731
+    return Batch(ids, pos, mask, cat("rows"), cat("cols"), cat("ids"), n_tokens, n_examples, segments,
+                 None if prompt is None else len(answer.ids))

@@ -108,6 +108,10 @@ class LoopConfig(StrictModel):
     seed: int = 0
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto: bf16 on CPUs "
                                                                               "with native bf16 and on CUDA")
+    prompt_loss_weight: float = Field(
+        0.0, ge=0.0, description="SFT: also train language modelling on the prompt tokens (system prompt, user "
+                                 "turn; everything but the answer), its mean loss counted this many times the "
+                                 "answer's; 0: answers only. Helps short answers to long inputs (a label)")
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
@@ -162,6 +166,8 @@ class TrainConfig(StrictModel):
         if self.eval is not None and self.eval.data and not self.data.prompt:
             raise ValueError("eval.data scores held-out items with the training PromptSpec: set data.prompt, "
                              "or use eval.config")
+        if self.method == "pretrain" and self.train.prompt_loss_weight:
+            raise ValueError("train.prompt_loss_weight is for SFT (lora, full): pretrain already trains every token")
         if self.method == "pretrain" and self.data.format not in ("auto", "text"):
             raise ValueError("method 'pretrain' trains on raw text: set data.format to 'text' (or auto)")
         return self

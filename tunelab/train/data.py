@@ -49,6 +49,11 @@ class Example:
     def n_targets(self) -> int:
         return sum(self.targets[1:])
 
+    @property
+    def n_prompt_targets(self) -> int:
+        """The other predicted tokens (system prompt, user turn): scored with ``train.prompt_loss_weight``."""
+        return len(self.input_ids) - 1 - self.n_targets
+
 
 @dataclass
 class DataStats:

@@ -39,7 +39,7 @@ from tunelab.train.data import Example, TrainData
 # the loss
 # --------------------------------------------------------------------------------------------------
 class SupervisedLoss(torch.nn.Module):
-    """Summed cross-entropy of a causal LM at the target positions only.
+    """Cross-entropy of a causal LM at the target positions only: one NLL per target, shape (N,), fp32.
 
     Wrapping the model in a module keeps DDP/FSDP in charge of the forward (gradient hooks) while the
     forward itself skips the full-vocabulary logits.
@@ -59,25 +59,28 @@ class SupervisedLoss(torch.nn.Module):
                  use_cache=False, **extra).last_hidden_state            # (B, T, C), final norm applied
         hs = h[pred_rows, pred_cols]                                     # (N, C)
         if hs.shape[0] <= self.head_chunk:
-            return _head_loss(head, hs, targets)
-        # Many targets (pre-training): logits chunk by chunk, recomputed in backward, never (N, V) at once.
+            return _head_nll(head, hs, targets)
+        # Many targets (pre-training, prompt loss): logits chunk by chunk, recomputed in backward, never (N, V).
         from torch.utils.checkpoint import checkpoint
 
-        total = hs.new_zeros((), dtype=torch.float32)
-        for s in range(0, hs.shape[0], self.head_chunk):
-            total = total + checkpoint(_head_loss, head, hs[s:s + self.head_chunk],
-                                       targets[s:s + self.head_chunk], use_reentrant=False)
-        return total
+        return torch.cat([checkpoint(_head_nll, head, hs[s:s + self.head_chunk], targets[s:s + self.head_chunk],
+                                     use_reentrant=False) for s in range(0, hs.shape[0], self.head_chunk)])
 
 
-def _head_loss(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_nll(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hs).float()                                            # (N, V)
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def batch_nll(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(N,) NLL of every target of ``batch``: the answer targets first, then any prompt targets."""
+    return loss_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_rows,
+                       batch.pred_cols, batch.targets, batch.segments)
 
 
 def batch_loss(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    return loss_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_rows,
-                       batch.pred_cols, batch.targets, batch.segments)
+    """Summed NLL of the answer targets of ``batch``."""
+    return batch_nll(loss_module, batch)[:batch.n_targets].sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,6 +564,7 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
     if run.is_main:
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
+    pw = cfg.train.prompt_loss_weight if cfg.method != "pretrain" else 0.0
     loss_module = SupervisedLoss(model)
     loss_module, optimizer = acc.prepare(loss_module, optimizer)
     loss_module.train()
@@ -574,27 +578,35 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
                 g["lr"] = lr * g.get("lr_scale", 1.0)
             idx = plan.step_examples(step)
             step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
+            step_prompt = sum(run.data.examples[i].n_prompt_targets for i in idx) if pw else 0
             micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size,
                                    t.micro_batch_tokens)
             loss_sum = torch.zeros((), device=run.device)
+            prompt_sum = torch.zeros((), device=run.device)
             step_tokens = 0
             for k, mb in enumerate(micros):
                 batch = collate(mb, packing=t.packing, pack_len=t.pack_len, pad_id=pad_id,
-                                varlen=run.varlen).to(run.device)
+                                varlen=run.varlen, prompt_targets=pw > 0).to(run.device)
                 sync = k == len(micros) - 1
                 with (contextlib.nullcontext() if sync else acc.no_sync(loss_module)):
                     with run.autocast_ctx():
-                        s = batch_loss(loss_module, batch)
-                    # DDP averages gradients over processes: scale so the result is the step's token mean.
-                    acc.backward(s * (run.world / max(1, step_targets)))
+                        nll = batch_nll(loss_module, batch)
+                    s, p = nll[:batch.n_targets].sum(), nll[batch.n_targets:].sum()
+                    # DDP averages gradients over processes: scale so the result is the step's token mean
+                    # (the answer's; plus prompt_loss_weight x the prompt's).
+                    objective = s * (run.world / max(1, step_targets))
+                    if step_prompt:
+                        objective = objective + p * (pw * run.world / step_prompt)
+                    acc.backward(objective)
                 loss_sum += s.detach()
+                prompt_sum += p.detach()
                 step_tokens += batch.n_tokens
             grad_norm = None
             if o.clip_grad_norm is not None:
                 grad_norm = float(acc.clip_grad_norm_(list(named.values()), o.clip_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            stats = torch.tensor([float(loss_sum), float(step_tokens)], device=run.device)
+            stats = torch.tensor([float(loss_sum), float(step_tokens), float(prompt_sum)], device=run.device)
             if run.world > 1:
                 stats = acc.reduce(stats, reduction="sum")
             loss = float(stats[0]) / max(1, step_targets)
@@ -608,6 +620,8 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
                    "grad_norm": None if grad_norm is None else round(grad_norm, 5), "tokens": tokens,
                    "targets": targets_seen, "tok_s": round(tokens / elapsed, 2) if elapsed else 0.0,
                    "elapsed_s": round(elapsed, 3)}
+            if pw:
+                row["prompt_loss"] = round(float(stats[2]) / max(1, step_prompt), 6)
             history.append(row)
             if run.is_main:
                 with metrics_path.open("a", encoding="utf-8") as f:
