@@ -71,6 +71,8 @@ RECIPES = {
     "lora_pl1_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, prompt_w=1.0),
     "lora_emb_pl0.1_lr5e-4_e1_b8": recipe(BINARY, lr=5e-4, epochs=1, batch=8, save=["embed_tokens"], prompt_w=0.1,
                                           groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
+    "lora_emb_pl0.1_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"], prompt_w=0.1,
+                                          groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
@@ -154,8 +156,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.list:
         for k, v in RECIPES.items():
-            print(f"{k:28s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
-                  f"data={Path(v['task']['train']).name}")
+            extra = "".join([f" prompt_w={v['prompt_w']:g}" if v["prompt_w"] else "",
+                             f" save={','.join(v['save'])}" if v["save"] else "",
+                             "".join(f" {g['match']}x{g.get('lr_scale', 1):g}" for g in v["groups"])])
+            print(f"{k:30s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
+                  f"data={Path(v['task']['train']).name}{extra}")
         return
     names = list(RECIPES) if args.all else args.recipes
     unknown = [n for n in names if n not in RECIPES]
