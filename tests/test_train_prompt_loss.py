@@ -66,7 +66,7 @@ def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training
     # one step over all 48 examples: its losses are the untrained (LoRA B = 0) base model's
     out = tmp_path / "pl"
     p = run_train(*args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--batch-size", "48",
-                        "--micro-batch-size", "8", "--set", "train.prompt_loss_weight=0.5"))
+                        "--micro-batch-size", "8", "--prompt-loss-weight", "0.5"))
     assert p.returncode == 0, p.stderr
     assert "prompt loss: the other" in p.stderr                       # said in the preview
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])

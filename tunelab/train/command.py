@@ -48,6 +48,9 @@ def train_cmd(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bfloat16 | float32 (autocast)"),
     activation_checkpointing: Optional[bool] = typer.Option(
         None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute activations in backward."),
+    prompt_loss_weight: Optional[float] = typer.Option(
+        None, "--prompt-loss-weight", min=0.0,
+        help="SFT: also train the prompt tokens, their mean loss weighted W x the answer's (0: answers only)."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1,
                                                    help="Save a resumable checkpoint every N steps."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data",
@@ -87,6 +90,7 @@ def train_cmd(
         "train.micro_batch_size": micro_batch_size, "train.packing": packing, "train.seed": seed,
         "train.dtype": dtype, "train.activation_checkpointing": activation_checkpointing,
         "train.device": device, "train.threads": threads,
+        "train.prompt_loss_weight": prompt_loss_weight,
         "lora.r": lora_r, "lora.alpha": lora_alpha,
         "lora.target_modules": ([s.strip() for s in target_modules.split(",")] if target_modules and
                                 target_modules != "all-linear" else target_modules),
