@@ -84,6 +84,8 @@ RECIPES = {
     "three_lora_pl0.1_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8, prompt_w=0.1),
     "three_lora_emb_pl0.1_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8, save=["embed_tokens"],
                                                 prompt_w=0.1, groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
+    "three_lora_emb_pl0.1_lr5e-4_e2_b8": recipe(THREE, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"],
+                                                prompt_w=0.1, groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     # demo-sized (512 reviews, 200 dev): what fits the 15-minute demo on 2 cores
     "demo_lora_lr1e-3_e1": recipe(DEMO, lr=1e-3, epochs=1),
     "demo_lora_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8),
