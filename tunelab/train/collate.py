@@ -86,7 +86,7 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)  # sequence id per token; -1 = padding
-    answer, prompt = _Targets(), _Targets()
+    answer, prompt = _Targets(), _Targets() if prompt_targets else None
     for b, r in enumerate(rows):
         col = 0
         for s, i in enumerate(r):
@@ -94,7 +94,7 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
             ids[b, col:col + n] = torch.tensor(ex.input_ids)
             pos[b, col:col + n] = torch.arange(n)
             seg[b, col:col + n] = s
-            _collect(ex, b, col, answer, prompt if prompt_targets else None)
+            _collect(ex, b, col, answer, prompt)
             col += n
         if col < T:
             pos[b, col:] = torch.arange(T - col)
@@ -104,22 +104,20 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
     mask = causal & same & real
     # Padding queries see themselves only: no all-masked rows (NaN in attention), no effect on real tokens.
     mask |= torch.eye(T, dtype=torch.bool) & (seg < 0)[:, :, None]
-    return _batch(ids, pos, mask[:, None], answer, prompt if prompt_targets else None, sum(lengths),
-                  len(examples))
+    return _batch(ids, pos, mask[:, None], answer, prompt, sum(lengths), len(examples))
 
 
 def _varlen(examples: list[Example], lengths: list[int], prompt_targets: bool) -> Batch:
     ids, pos, segments = [], [], [0]
-    answer, prompt = _Targets(), _Targets()
+    answer, prompt = _Targets(), _Targets() if prompt_targets else None
     col = 0
     for ex, n in zip(examples, lengths):
         ids += ex.input_ids
         pos += range(n)
-        _collect(ex, 0, col, answer, prompt if prompt_targets else None)
+        _collect(ex, 0, col, answer, prompt)
         col += n
         segments.append(col)
-    return _batch(torch.tensor([ids]), torch.tensor([pos]), None, answer, prompt if prompt_targets else None, col,
-                  len(examples), segments)
+    return _batch(torch.tensor([ids]), torch.tensor([pos]), None, answer, prompt, col, len(examples), segments)
 
 
 @dataclass

@@ -564,7 +564,7 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
     if run.is_main:
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
-    pw = cfg.train.prompt_loss_weight if cfg.method != "pretrain" else 0.0
+    pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
     loss_module = SupervisedLoss(model)
     loss_module, optimizer = acc.prepare(loss_module, optimizer)
     loss_module.train()

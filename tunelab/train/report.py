@@ -70,7 +70,7 @@ def show_preview(run: Run) -> dict[str, Any]:
         f"device {run.device}",
         f"first example ({first.where}), {len(first)} tokens, {first.n_targets} supervised, marked ⟦…⟧:",
     ]
-    if t.prompt_loss_weight and run.cfg.method != "pretrain":
+    if t.prompt_loss_weight:
         lines.insert(-1, f"prompt loss: the other {first.n_prompt_targets} tokens of each example are trained too, "
                          f"their mean loss weighted {t.prompt_loss_weight:g} x the answer's "
                          "(train.prompt_loss_weight)")
@@ -325,7 +325,7 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     t = run.cfg.train
     mean_len = min(max(stats["length_mean"], 1), t.pack_len) if not t.packing else \
         min(t.pack_len, stats["length_mean"] * t.micro_batch_size)
-    share = 1.0 if t.prompt_loss_weight and run.cfg.method != "pretrain" else stats["target_share"]
+    share = 1.0 if t.prompt_loss_weight else stats["target_share"]
     fpt = flops_per_token(mcfg, run.cfg.method, mean_len, share, t.activation_checkpointing)
     peak = measured_matmul_flops(run.device, run.autocast)
     mfu = result.tok_s * fpt / peak if peak else None
