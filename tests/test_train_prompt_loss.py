@@ -101,3 +101,15 @@ def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training
                                                        .splitlines()[0])["loss"], rel=1e-5)  # same answer loss
     diff = max((adapters["0"][k] - adapters["1.0"][k]).abs().max().item() for k in adapters["0"])
     assert diff > 1e-4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "pretrain", "--prompt-loss-weight", "0.1"], "prompt_loss_weight is for SFT"),
+    (["--set", "train.prompt_loss_weight=-1"], "train.prompt_loss_weight"),
+])
+def test_bad_prompt_loss_weight_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, extra, message):  # noqa: F811
+    p = run_train("--model", str(tiny_model_dir), "--data", str(chat_file), "--out", str(tmp_path / "x"), *extra)
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert not (tmp_path / "x").exists()
