@@ -73,6 +73,8 @@ RECIPES = {
                                           groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "lora_emb_pl0.1_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"], prompt_w=0.1,
                                           groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
+    "lora_emb_pl0.1_lr5e-4_e3_b8": recipe(BINARY, lr=5e-4, epochs=3, batch=8, save=["embed_tokens"], prompt_w=0.1,
+                                          groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
