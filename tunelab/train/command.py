@@ -44,6 +44,8 @@ def train_cmd(
     lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
     target_modules: Optional[str] = typer.Option(None, "--target-modules",
                                                  help="all-linear or comma-separated names (q_proj,v_proj)"),
+    init_adapter: Optional[Path] = typer.Option(
+        None, "--init-adapter", help="LoRA: start from this adapter (continue it, or carry it to a related task)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bfloat16 | float32 (autocast)"),
     activation_checkpointing: Optional[bool] = typer.Option(
@@ -94,6 +96,7 @@ def train_cmd(
         "lora.r": lora_r, "lora.alpha": lora_alpha,
         "lora.target_modules": ([s.strip() for s in target_modules.split(",")] if target_modules and
                                 target_modules != "all-linear" else target_modules),
+        "lora.init_adapter": str(init_adapter) if init_adapter else None,
         "checkpoint.every_steps": checkpoint_every,
         "eval.data": str(eval_data) if eval_data else None, "eval.config": str(eval_config) if eval_config else None,
         "eval.limit": eval_limit, "forgetting.data": str(forgetting) if forgetting else None,

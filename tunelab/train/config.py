@@ -11,6 +11,7 @@ prompt format), so the smallest config is three lines::
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,10 @@ class LoraSettings(StrictModel):
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the frozen base Linear weights; auto: the autocast dtype "
                             "(saves the per-step weight casts and half their memory)")
+    init_adapter: str | None = Field(
+        None, description="start from this PEFT adapter (a directory with adapter_config.json, or a train --out "
+                          "directory holding adapter/) instead of fresh A, B: continue training it, or carry it "
+                          "to a related task. Its r, alpha, target modules and modules_to_save are used")
 
     @field_validator("target_modules")
     @classmethod
@@ -55,6 +60,54 @@ class LoraSettings(StrictModel):
         if isinstance(v, str) and v != "all-linear":
             return [v]
         return v
+
+    @model_validator(mode="after")
+    def _from_init_adapter(self) -> "LoraSettings":
+        """With init_adapter, the adapter's own shape is the setting: take it, and refuse a config that says
+        otherwise (a silently ignored ``r: 8`` would train something else than the file reads)."""
+        if self.init_adapter is None:
+            return self
+        path = adapter_dir(self.init_adapter)
+        try:
+            saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"init_adapter: cannot read {path / 'adapter_config.json'}: "
+                             f"{str(e).splitlines()[0]}") from None
+        if saved.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"init_adapter: {path} is a {saved.get('peft_type')} adapter, not LoRA")
+        theirs = {"r": saved.get("r"), "alpha": saved.get("lora_alpha"),
+                  "target_modules": saved.get("target_modules"), "modules_to_save": saved.get("modules_to_save")}
+        for name in ("r", "alpha", "modules_to_save"):
+            mine, other = getattr(self, name), theirs[name]
+            if name in self.model_fields_set and _norm(mine) != _norm(other):
+                raise ValueError(f"{name} is {mine} but init_adapter {path} has {other}; drop the field "
+                                 f"(the adapter's is used) or start a fresh adapter")
+        mine = self.target_modules
+        if "target_modules" in self.model_fields_set and mine != "all-linear" \
+                and _norm(mine) != _norm(theirs["target_modules"]):
+            raise ValueError(f"target_modules is {mine} but init_adapter {path} has {theirs['target_modules']}")
+        self.init_adapter = str(path)
+        self.r, self.alpha = int(theirs["r"]), float(theirs["alpha"])
+        self.target_modules = theirs["target_modules"]
+        self.modules_to_save = theirs["modules_to_save"]
+        return self
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter directory, or the train output directory that holds one in adapter/."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    return p
+
+
+def _norm(v: Any) -> Any:
+    """Compare settings as values: lists as sets, numbers as floats."""
+    if isinstance(v, (list, tuple, set)):
+        return sorted(map(str, v))
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return v
 
 
 class ParamGroup(StrictModel):
@@ -166,6 +219,9 @@ class TrainConfig(StrictModel):
         if self.eval is not None and self.eval.data and not self.data.prompt:
             raise ValueError("eval.data scores held-out items with the training PromptSpec: set data.prompt, "
                              "or use eval.config")
+        if self.method != "lora" and self.lora.init_adapter:
+            raise ValueError(f"lora.init_adapter is for method lora; for {self.method}, merge the adapter first "
+                             f"(tunelab merge) and give the merged model as model")
         if self.method == "pretrain" and self.train.prompt_loss_weight:
             raise ValueError("train.prompt_loss_weight is for SFT (lora, full): pretrain already trains every token")
         if self.method == "pretrain" and self.data.format not in ("auto", "text"):
@@ -187,7 +243,8 @@ def set_field(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-PATH_FIELDS = ("data.path", "data.prompt", "out", "model", "eval.config", "eval.data", "forgetting.data")
+PATH_FIELDS = ("data.path", "data.prompt", "out", "model", "eval.config", "eval.data", "forgetting.data",
+               "lora.init_adapter")
 
 
 def _get(data: dict[str, Any], dotted: str) -> Any:

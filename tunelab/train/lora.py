@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.errors import ModelError
 from tunelab.train import report
 from tunelab.train.config import LoraSettings, TrainConfig
 from tunelab.train.loop import Run, fit, load_base_model, start_run
@@ -21,10 +22,13 @@ from tunelab.train.loop import Run, fit, load_base_model, start_run
 def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None = None) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none",
-                     modules_to_save=settings.modules_to_save)
-    model = get_peft_model(model, cfg)
+    if settings.init_adapter:
+        model = load_init_adapter(model, settings)
+    else:
+        cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                         target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none",
+                         modules_to_save=settings.modules_to_save)
+        model = get_peft_model(model, cfg)
     # Let lora_A read its input in the dtype it arrives in (bf16 under autocast): PEFT would otherwise copy it
     # to fp32 first, only for autocast to cast it back for the matmul (same numbers, two more saved copies).
     for m in model.modules():
@@ -34,6 +38,20 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None 
     if dtype is not None:
         cast_frozen_linears(model, dtype)
     return model
+
+
+def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """The base with a saved adapter attached, trainable: training continues from its A, B (and saved modules)."""
+    from peft import LoraConfig, PeftModel
+
+    path = settings.init_adapter
+    cfg = LoraConfig.from_pretrained(path)
+    cfg.lora_dropout = settings.dropout
+    cfg.inference_mode = False
+    try:
+        return PeftModel.from_pretrained(model, path, config=cfg, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes of another base model
+        raise ModelError(f"adapter {path} does not fit the base model: {str(e).splitlines()[0][:300]}") from None
 
 
 def frozen_dtype(settings: LoraSettings, autocast: torch.dtype | None) -> torch.dtype | None:
@@ -82,6 +100,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     probe.measure_before(r, model)
     model = attach_lora(model, cfg.lora, r)
     params = report.parameter_summary(model)
+    if cfg.lora.init_adapter:
+        r.log(f"LoRA initialised from {cfg.lora.init_adapter}")
     r.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: "
           f"{params['trainable']:,} trainable of {params['total']:,} ({params['trainable_share']:.2%})")
     result = fit(r, model)

@@ -1,0 +1,72 @@
+"""lora.init_adapter / --init-adapter: a LoRA run that starts from a saved adapter (continue it, or carry it to a
+related task) instead of fresh A, B; the adapter's shape is the setting, a config that contradicts it is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from test_train_run import chat_file, run_train  # noqa: F401
+from test_train_support import tiny_model_dir  # noqa: F401
+
+
+def base(tiny, data, out, *extra: str) -> list[str]:
+    return ["--model", str(tiny), "--data", str(data), "--out", str(out), "--batch-size", "8",
+            "--micro-batch-size", "4", "--set", "train.dtype=float32", *extra]
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, tiny_model_dir, chat_file):  # noqa: F811
+    out = tmp_path_factory.mktemp("init") / "first"
+    p = run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "3", "--lr", "5e-3", "--lora-r", "4",
+                        "--lora-alpha", "8", "--set", "lora.modules_to_save=[embed_tokens]"))
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def tensors(out):
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_training_starts_from_the_saved_adapter(tmp_path, tiny_model_dir, chat_file, first):  # noqa: F811
+    a = tensors(first)
+    assert any("embed_tokens" in k for k in a) and all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    # near-zero lr: the continued adapter is the first one, embeddings included (a fresh one would have B = 0)
+    out = tmp_path / "cont"
+    p = run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "1", "--lr", "1e-12",
+                        "--init-adapter", str(first)))          # a train --out dir: its adapter/ is used
+    assert p.returncode == 0, p.stderr
+    assert "LoRA initialised from" in p.stderr and "r=4 alpha=8.0" in p.stderr
+    b = tensors(out)
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["modules_to_save"]) == (4, 8, ["embed_tokens"])
+    # and it trains on from there: the first loss is the trained adapter's, below the fresh start's
+    fresh = json.loads((first / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    cont = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert cont < fresh
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lora-r", "8"], "lora: r is 8 but init_adapter"),
+    (["--set", "lora.modules_to_save=null"], "lora: modules_to_save is None but init_adapter"),
+    (["--method", "full"], "lora.init_adapter is for method lora"),
+])
+def test_a_contradicting_config_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, first, extra,  # noqa: F811
+                                                   message):
+    p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter", str(first / "adapter"),
+                        *extra))
+    assert p.returncode == 2, p.stderr
+    assert message in p.stderr and "Traceback" not in p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+    p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter", str(tmp_path / "nope")))
+    assert p.returncode == 2, p.stderr
+    assert "init_adapter: cannot read" in p.stderr and "adapter_config.json" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
