@@ -42,10 +42,10 @@ DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binar
 def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int = 16, alpha: float | None = None,
            batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
            save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None,
-           prompt_w: float = 0.0) -> dict:
+           prompt_w: float = 0.0, init: str | None = None) -> dict:
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
             "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
-            "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w}
+            "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w, "init": init}
 
 
 RECIPES = {
@@ -88,6 +88,10 @@ RECIPES = {
                                                 prompt_w=0.1, groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     "three_lora_emb_pl0.1_lr5e-4_e2_b8": recipe(THREE, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"],
                                                 prompt_w=0.1, groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
+    # three-class starting from the best binary adapter (lora.init_adapter; run that recipe first, same --out)
+    "three_from_binary_emb_pl0.1_lr5e-4_e1_b8": recipe(THREE, lr=5e-4, epochs=1, batch=8, save=["embed_tokens"],
+                                                       prompt_w=0.1, init="lora_emb_pl0.1_lr5e-4_e2_b8",
+                                                       groups=[{"match": "embed_tokens", "lr_scale": 0.1}]),
     # demo-sized (512 reviews, 200 dev): what fits the 15-minute demo on 2 cores
     "demo_lora_lr1e-3_e1": recipe(DEMO, lr=1e-3, epochs=1),
     "demo_lora_lr5e-4_e2_b8": recipe(DEMO, lr=5e-4, epochs=2, batch=8),
@@ -104,11 +108,14 @@ RECIPES = {
 def train_config(name: str, spec: dict, args) -> dict:
     t = spec["task"]
     micro = min(spec["batch"], args.micro_batch)
+    lora = {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear",
+            "modules_to_save": spec["save"]}
+    if spec["init"]:  # a recipe run earlier into the same --out; its adapter fixes r, alpha, targets
+        lora = {"dropout": 0.0, "init_adapter": str(Path(args.out).resolve() / spec["init"] / "adapter")}
     return {
         "name": name, "method": spec["method"], "model": args.model, "out": str(Path(args.out) / name),
         "data": {"path": str(t["train"]), "prompt": str(t["prompt"]), "max_seq_len": spec["max_len"], "limit": args.limit or spec["limit"]},
-        "lora": {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear",
-                 "modules_to_save": spec["save"]},
+        "lora": lora,
         "optim": {"lr": spec["lr"], "warmup_ratio": spec["warmup"], "weight_decay": spec["wd"],
                   "param_groups": spec["groups"]},
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "micro_batch_size": micro,
@@ -164,6 +171,7 @@ def main() -> None:
         for k, v in RECIPES.items():
             extra = "".join([f" prompt_w={v['prompt_w']:g}" if v["prompt_w"] else "",
                              f" save={','.join(v['save'])}" if v["save"] else "",
+                             f" init={v['init']}" if v["init"] else "",
                              "".join(f" {g['match']}x{g.get('lr_scale', 1):g}" for g in v["groups"])])
             print(f"{k:30s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
                   f"data={Path(v['task']['train']).name}{extra}")
