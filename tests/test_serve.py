@@ -23,8 +23,9 @@ PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
 LONG = [{"role": "user", "content": "Write a 500-word essay about the history of Rome."}]  # > 120 tokens greedy
 
 
-def make_lora(path, seed: int):
-    """A tiny random LoRA over the bundled model (B initialised randomly, so it changes the outputs)."""
+def make_lora(path, seed: int, embeddings: bool = False):
+    """A tiny random LoRA over the bundled model (B initialised randomly, so it changes the outputs); with
+    ``embeddings`` it also carries its own input embeddings (``modules_to_save``, as the default NSMC recipe)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -33,8 +34,14 @@ def make_lora(path, seed: int):
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(resolve_local_path(None)), dtype=torch.float32)
-    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, cfg).save_pretrained(str(path))
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                     modules_to_save=["embed_tokens"] if embeddings else None)
+    model = get_peft_model(base, cfg)
+    if embeddings:
+        with torch.no_grad():
+            emb = model.get_input_embeddings().modules_to_save["default"].weight
+            emb.add_(torch.randn_like(emb) * emb.std())
+    model.save_pretrained(str(path))
     return path
 
 
@@ -52,7 +59,8 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {name: make_lora(root / name, seed) for name, seed in (("lora-a", 1), ("lora-b", 2), ("lora-c", 3))}
+    return {name: make_lora(root / name, seed, embeddings=name == "lora-b")
+            for name, seed in (("lora-a", 1), ("lora-b", 2), ("lora-c", 3))}
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +336,25 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     # the connection is closed here, long before 250 tokens
     wait_until(lambda: (lambda h: h["running"] == 0 and h["active_requests"] == 0)(
         httpx.get(server.url + "/health").json()))
+
+
+def test_a_failing_adapter_slot_answers_500_not_a_hang(server, client, monkeypatch):
+    """An unexpected error while a request's adapter is loaded (or another evicted) fails that request at once."""
+    import openai
+
+    slots = server.app.state.engine.slots
+
+    def broken(entry):
+        raise RuntimeError("simulated PEFT failure")
+
+    monkeypatch.setattr(slots, "acquire", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.with_options(timeout=30).chat.completions.create(model="lora-a", messages=PROMPTS[0], max_tokens=3)
+    assert e.value.status_code == 500 and "RuntimeError" in e.value.body["message"]
+    assert e.value.body["code"] == "adapter_load_failed"
+    monkeypatch.undo()
+    r = client.chat.completions.create(model="lora-a", messages=PROMPTS[0], max_tokens=3)
+    assert r.choices[0].message.content
 
 
 def test_a_failing_step_answers_500_and_the_server_goes_on(server, client, monkeypatch):

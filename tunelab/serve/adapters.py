@@ -172,8 +172,45 @@ class AdapterSlots:
             raise AdapterError(f"cannot load adapter {entry.name!r} from {entry.path}: "
                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self.model.eval()
+        route_saved_modules(self.model)
         return internal
 
     def _unload(self, key: tuple[str, int]) -> None:
         internal = self._loaded.pop(key)
+        unroute_saved_modules(self.model)  # PEFT's delete expects only the copies it made itself
         self.model.delete_adapter(internal)
+        route_saved_modules(self.model)
+
+
+def route_saved_modules(model: torch.nn.Module) -> int:
+    """Give every loaded adapter an entry in every ``modules_to_save`` wrapper: the base module, shared.
+
+    An adapter that trains whole modules (``modules_to_save: [embed_tokens]``, the default NSMC recipe) wraps
+    them with a per-adapter copy. In a mixed batch PEFT routes each row to ``modules_to_save[its adapter]``,
+    so rows of an adapter without that copy would fail (KeyError); for them the module is the base's. Returns
+    the number of entries added (no weights are copied).
+    """
+    names = list(getattr(model, "peft_config", {}))
+    added = 0
+    for m in _saved_module_wrappers(model):
+        for name in names:
+            if name not in m.modules_to_save:
+                m.modules_to_save[name] = m.original_module
+                added += 1
+    return added
+
+
+def unroute_saved_modules(model: torch.nn.Module) -> None:
+    """Undo ``route_saved_modules`` (before PEFT deletes an adapter), and give a wrapper left without an
+    active adapter one of its own copies, as PEFT's delete_adapter indexes the active one."""
+    for m in _saved_module_wrappers(model):
+        for name in [k for k, v in m.modules_to_save.items() if v is m.original_module]:
+            del m.modules_to_save[name]
+        if not m.active_adapters and len(m.modules_to_save):
+            m.set_adapter(next(iter(m.modules_to_save)), inference_mode=True)
+
+
+def _saved_module_wrappers(model: torch.nn.Module) -> list:
+    from peft.utils import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]

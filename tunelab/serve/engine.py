@@ -413,6 +413,11 @@ class Engine:
             except AdapterError as e:
                 h.push(EngineError(str(e), 500, "adapter_load_failed"))
                 continue
+            except Exception as e:  # noqa: BLE001 - the request that met it gets the error, not a hang
+                log.exception("adapter slot for %r failed", h.adapter and h.adapter.name)
+                h.push(EngineError(f"internal error while loading the adapter: {type(e).__name__}", 500,
+                                   "adapter_load_failed"))
+                continue
             if adapter is None:
                 deferred.append(h)
                 continue
