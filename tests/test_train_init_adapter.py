@@ -51,8 +51,8 @@ def test_training_starts_from_the_saved_adapter(tmp_path, tiny_model_dir, chat_f
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--lora-r", "8"], "lora: r is 8 but init_adapter"),
-    (["--set", "lora.modules_to_save=null"], "lora: modules_to_save is None but init_adapter"),
+    (["--lora-r", "8"], "lora.init_adapter: lora.r is 8 but the adapter in"),
+    (["--set", "lora.modules_to_save=null"], "lora.modules_to_save is None but the adapter in"),
     (["--method", "full"], "lora.init_adapter is for method lora"),
 ])
 def test_a_contradicting_config_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, first, extra,  # noqa: F811
@@ -68,5 +68,5 @@ def test_a_contradicting_config_is_one_line_exit_2(tmp_path, tiny_model_dir, cha
 def test_a_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
     p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter", str(tmp_path / "nope")))
     assert p.returncode == 2, p.stderr
-    assert "init_adapter: cannot read" in p.stderr and "adapter_config.json" in p.stderr
+    assert "lora.init_adapter: cannot read" in p.stderr and "adapter_config.json" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()

@@ -61,36 +61,34 @@ class LoraSettings(StrictModel):
             return [v]
         return v
 
-    @model_validator(mode="after")
-    def _from_init_adapter(self) -> "LoraSettings":
-        """With init_adapter, the adapter's own shape is the setting: take it, and refuse a config that says
-        otherwise (a silently ignored ``r: 8`` would train something else than the file reads)."""
-        if self.init_adapter is None:
-            return self
-        path = adapter_dir(self.init_adapter)
-        try:
-            saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"init_adapter: cannot read {path / 'adapter_config.json'}: "
-                             f"{str(e).splitlines()[0]}") from None
-        if saved.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"init_adapter: {path} is a {saved.get('peft_type')} adapter, not LoRA")
-        theirs = {"r": saved.get("r"), "alpha": saved.get("lora_alpha"),
-                  "target_modules": saved.get("target_modules"), "modules_to_save": saved.get("modules_to_save")}
-        for name in ("r", "alpha", "modules_to_save"):
-            mine, other = getattr(self, name), theirs[name]
-            if name in self.model_fields_set and _norm(mine) != _norm(other):
-                raise ValueError(f"{name} is {mine} but init_adapter {path} has {other}; drop the field "
-                                 f"(the adapter's is used) or start a fresh adapter")
-        mine = self.target_modules
-        if "target_modules" in self.model_fields_set and mine != "all-linear" \
-                and _norm(mine) != _norm(theirs["target_modules"]):
-            raise ValueError(f"target_modules is {mine} but init_adapter {path} has {theirs['target_modules']}")
-        self.init_adapter = str(path)
-        self.r, self.alpha = int(theirs["r"]), float(theirs["alpha"])
-        self.target_modules = theirs["target_modules"]
-        self.modules_to_save = theirs["modules_to_save"]
-        return self
+
+def resolve_init_adapter(settings: LoraSettings) -> LoraSettings:
+    """With ``init_adapter``, the adapter's own shape is the setting: the settings with its r, alpha, targets and
+    modules_to_save; a config that says otherwise is refused (a silently ignored ``r: 8`` would train something
+    other than the file reads). Read when a run starts, so that a config may name an adapter a run will make."""
+    if settings.init_adapter is None:
+        return settings
+    path = adapter_dir(settings.init_adapter)
+    where = "lora.init_adapter"
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path / 'adapter_config.json'} (expected a PEFT adapter directory, e.g. "
+                          f"the adapter/ of a train run): {str(e).splitlines()[0]}", where=where) from None
+    if saved.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{path} is a {saved.get('peft_type')} adapter, not LoRA", where=where)
+    theirs = {"r": saved.get("r"), "alpha": saved.get("lora_alpha"),
+              "target_modules": saved.get("target_modules"), "modules_to_save": saved.get("modules_to_save")}
+    for name, other in theirs.items():
+        mine = getattr(settings, name)
+        if name not in settings.model_fields_set or (name == "target_modules" and mine == "all-linear"):
+            continue
+        if _norm(mine) != _norm(other):
+            raise ConfigError(f"lora.{name} is {mine} but the adapter in {path} has {other}: drop lora.{name} "
+                              f"(the adapter's is used) or start a fresh adapter", where=where)
+    return settings.model_copy(update={"init_adapter": str(path), "r": int(theirs["r"]),
+                                       "alpha": float(theirs["alpha"]), "target_modules": theirs["target_modules"],
+                                       "modules_to_save": theirs["modules_to_save"]})
 
 
 def adapter_dir(path: str | Path) -> Path:

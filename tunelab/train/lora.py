@@ -15,7 +15,7 @@ import torch
 
 from tunelab.errors import ModelError
 from tunelab.train import report
-from tunelab.train.config import LoraSettings, TrainConfig
+from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
 from tunelab.train.loop import Run, fit, load_base_model, start_run
 
 
@@ -91,6 +91,7 @@ def save_adapter(run: Run, model, target: Path | None = None) -> Path:
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
+    cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
     r = start_run(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
     report.show_preview(r)
     if dry_run:
