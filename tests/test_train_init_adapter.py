@@ -70,3 +70,22 @@ def test_a_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_fil
     assert p.returncode == 2, p.stderr
     assert "lora.init_adapter: cannot read" in p.stderr and "adapter_config.json" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
+
+
+def test_an_adapter_of_another_base_model_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))  # hidden 48, not 32
+    get_peft_model(other, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")).save_pretrained(
+        str(tmp_path / "other"))
+    p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--max-steps", "1",
+                        "--init-adapter", str(tmp_path / "other")))
+    assert p.returncode == 2, p.stderr
+    assert f"adapter {tmp_path / 'other'} does not fit the base model: size mismatch for" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len([ln for ln in p.stderr.splitlines() if ln.strip().startswith("error")]) == 1, p.stderr
+    assert not (tmp_path / "x").exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, runtime_checkable
+
+from tunelab.errors import ModelError
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -65,3 +68,19 @@ class ModelBackend(Protocol):
                       progress: object | None = None) -> list[ChoiceScores]: ...
 
     def count_tokens(self, messages: list[Message]) -> int: ...
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """A PEFT adapter directory as given, or the ``adapter/`` inside a tunelab train output directory."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    return p
+
+
+def find_adapter_dir(path: str | Path) -> Path:
+    """``adapter_dir``, required to hold ``adapter_config.json``."""
+    p = adapter_dir(path)
+    if not (p / "adapter_config.json").is_file():
+        raise ModelError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    return p

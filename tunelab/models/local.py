@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from tunelab.errors import ModelError
-from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message
+from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
 from tunelab.models.scoring import PrefixScorer
 
@@ -89,12 +89,7 @@ class LocalModel:
 
     # -- loading -------------------------------------------------------------------------------------
     def _attach_adapter(self, model, adapter: Path):
-        if not (adapter / "adapter_config.json").is_file():
-            sub = adapter / "adapter"
-            if (sub / "adapter_config.json").is_file():
-                adapter = sub
-            else:
-                raise ModelError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        adapter = find_adapter_dir(adapter)
         self.adapter_path = adapter
         from peft import PeftModel
 

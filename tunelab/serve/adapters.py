@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.models.base import adapter_dir
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
@@ -39,8 +41,7 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise AdapterError(f"adapter directory not found: {p}")
-    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
-        p = p / "adapter"
+    p = adapter_dir(p)
     cfg_file = p / "adapter_config.json"
     if not cfg_file.is_file():
         raise AdapterError(f"{p} is not a PEFT adapter directory (no adapter_config.json)")
@@ -67,14 +68,14 @@ class AdapterRegistry:
         self._version = 0
 
     def register(self, name: str, path: str | Path, *, replace: bool = False) -> AdapterEntry:
-        adapter_dir = resolve_adapter_dir(path)
-        tmpl_file = adapter_dir / "chat_template.jinja"
+        folder = resolve_adapter_dir(path)
+        tmpl_file = folder / "chat_template.jinja"
         template = tmpl_file.read_text(encoding="utf-8") if tmpl_file.is_file() else None
         with self._lock:
             if name in self._entries and not replace:
                 raise AdapterError(f"an adapter named {name!r} is already registered")
             self._version += 1
-            entry = AdapterEntry(name=name, path=adapter_dir, chat_template=template,
+            entry = AdapterEntry(name=name, path=folder, chat_template=template,
                                  created=int(time.time()), version=self._version)
             self._entries[name] = entry
         return entry
@@ -182,22 +183,19 @@ class AdapterSlots:
         route_saved_modules(self.model)
 
 
-def route_saved_modules(model: torch.nn.Module) -> int:
+def route_saved_modules(model: torch.nn.Module) -> None:
     """Give every loaded adapter an entry in every ``modules_to_save`` wrapper: the base module, shared.
 
     An adapter that trains whole modules (``modules_to_save: [embed_tokens]``, the default NSMC recipe) wraps
     them with a per-adapter copy. In a mixed batch PEFT routes each row to ``modules_to_save[its adapter]``,
-    so rows of an adapter without that copy would fail (KeyError); for them the module is the base's. Returns
-    the number of entries added (no weights are copied).
+    so rows of an adapter without that copy would fail (KeyError); for them the module is the base's (shared,
+    no weights are copied).
     """
     names = list(getattr(model, "peft_config", {}))
-    added = 0
     for m in _saved_module_wrappers(model):
         for name in names:
             if name not in m.modules_to_save:
                 m.modules_to_save[name] = m.original_module
-                added += 1
-    return added
 
 
 def unroute_saved_modules(model: torch.nn.Module) -> None:

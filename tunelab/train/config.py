@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from tunelab.config import StrictModel, load_yaml, validate_as
 from tunelab.errors import ConfigError
+from tunelab.models.base import adapter_dir
 
 Method = Literal["lora", "full", "pretrain"]
 DataFormat = Literal["auto", "chat", "alpaca", "sharegpt", "text", "prompt"]
@@ -89,14 +90,6 @@ def resolve_init_adapter(settings: LoraSettings) -> LoraSettings:
     return settings.model_copy(update={"init_adapter": str(path), "r": int(theirs["r"]),
                                        "alpha": float(theirs["alpha"]), "target_modules": theirs["target_modules"],
                                        "modules_to_save": theirs["modules_to_save"]})
-
-
-def adapter_dir(path: str | Path) -> Path:
-    """A PEFT adapter directory, or the train output directory that holds one in adapter/."""
-    p = Path(path)
-    if not (p / "adapter_config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    return p
 
 
 def _norm(v: Any) -> Any:

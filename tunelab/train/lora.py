@@ -51,7 +51,9 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.n
     try:
         return PeftModel.from_pretrained(model, path, config=cfg, is_trainable=True)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes of another base model
-        raise ModelError(f"adapter {path} does not fit the base model: {str(e).splitlines()[0][:300]}") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])  # torch's first line is a header
+        raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
 
 
 def frozen_dtype(settings: LoraSettings, autocast: torch.dtype | None) -> torch.dtype | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.errors import ModelError, TunelabError
+from tunelab.errors import TunelabError
+from tunelab.models.base import find_adapter_dir
 
 DEFAULT_PROBES = [
     "What is the capital of France?",
@@ -37,14 +38,6 @@ class MergeResult:
     probes: int
     max_new_tokens: int
     mismatches: list[dict]
-
-
-def find_adapter_dir(path: Path) -> Path:
-    if (path / "adapter_config.json").is_file():
-        return path
-    if (path / "adapter" / "adapter_config.json").is_file():
-        return path / "adapter"
-    raise ModelError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
 
 
 def base_model_of(adapter: Path) -> str | None:
