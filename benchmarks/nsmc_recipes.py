@@ -35,6 +35,9 @@ THREE = {"train": DATA / "nsmc_three_train_6000.jsonl", "dev": DATA / "nsmc_thre
 # the demo's budget: the shorter half of all 4000 training reviews (<= 85 tokens with the prompt), same dev set
 DEMO_SHORT = {"train": DATA / "nsmc_binary_train_4000.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
               "prompt": PROMPTS / "sentiment_binary_short.yaml"}
+# continued pre-training: the texts of every training review (binary and three-class train splits; never a
+# dev movie), written to OUT/review_texts.jsonl on first use
+REVIEW_TEXTS = {"train": None, "dev": None, "prompt": None}
 DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
         "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 
@@ -42,10 +45,21 @@ DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binar
 def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int = 16, alpha: float | None = None,
            batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
            save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None,
-           prompt_w: float = 0.0, init: str | None = None) -> dict:
+           prompt_w: float = 0.0, init: str | None = None, base: str | None = None,
+           seed: int | None = None) -> dict:
+    """``init``: start LoRA from the adapter of that recipe; ``base``: train over the model that pretrain
+    recipe wrote (continued pre-training first); both must have run into the same --out. ``seed``: fixed
+    seed (else --seed)."""
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
             "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
-            "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w, "init": init}
+            "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w, "init": init, "base": base,
+            "seed": seed}
+
+
+def emb_pl(task: dict, *, lr: float = 5e-4, epochs: float = 2, batch: int = 8, prompt_w: float = 0.1, **kw) -> dict:
+    """The binary default's family: LoRA r16 all-linear + embed_tokens at 0.1x lr + prompt language modelling."""
+    return recipe(task, lr=lr, epochs=epochs, batch=batch, save=["embed_tokens"], prompt_w=prompt_w,
+                  groups=[{"match": "embed_tokens", "lr_scale": 0.1}], **kw)
 
 
 RECIPES = {
@@ -78,6 +92,21 @@ RECIPES = {
     "full_lr5e-5_e2": recipe(BINARY, "full", lr=5e-5, epochs=2, wd=0.01),
     "full_lr1e-4_e3": recipe(BINARY, "full", lr=1e-4, epochs=3, wd=0.01),
     "full_lr2e-5_e3": recipe(BINARY, "full", lr=2e-5, epochs=3, wd=0.01),
+    # seed variance and neighbours of the binary default (lora_emb_pl0.1_lr5e-4_e2_b8)
+    "lora_emb_pl0.1_lr5e-4_e2_b8_s1": emb_pl(BINARY, seed=1),
+    "lora_emb_pl0.1_lr5e-4_e2_b8_s2": emb_pl(BINARY, seed=2),
+    "lora_emb_pl0.1_lr1e-3_e2_b8": emb_pl(BINARY, lr=1e-3),
+    "lora_emb_pl0.1_lr3e-4_e2_b8": emb_pl(BINARY, lr=3e-4),
+    "lora_emb_pl0.3_lr5e-4_e2_b8": emb_pl(BINARY, prompt_w=0.3),
+    "lora_emb_pl1_lr5e-4_e2_b8": emb_pl(BINARY, prompt_w=1.0),
+    "lora_r64_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, r=64),
+    "lora_emb_pl0.1_lr5e-4_e2_b16": emb_pl(BINARY, batch=16, lr=7e-4),
+    "full_pl0.1_lr5e-5_e2_b8": recipe(BINARY, "full", lr=5e-5, epochs=2, batch=8, wd=0.01, prompt_w=0.1),
+    # continued pre-training on the review texts, then the default recipe over that model
+    "cpt_lr5e-5_e1": recipe(REVIEW_TEXTS, "pretrain", lr=5e-5, epochs=1, batch=16, wd=0.01, max_len=256),
+    "cpt_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, base="cpt_lr5e-5_e1"),
+    "cpt_lora_emb_pl0.1_lr5e-4_e1_b8": emb_pl(BINARY, epochs=1, base="cpt_lr5e-5_e1"),
+    "cpt_lora_emb_pl1_lr5e-4_e2_b8": emb_pl(BINARY, prompt_w=1.0, base="cpt_lr5e-5_e1"),
     # three-class
     "three_lora_r16_lr1e-3_e2": recipe(THREE, lr=1e-3, epochs=2),
     "three_full_lr5e-5_e2": recipe(THREE, "full", lr=5e-5, epochs=2, wd=0.01),
@@ -105,26 +134,49 @@ RECIPES = {
 }
 
 
+def review_texts(out: Path) -> Path:
+    """Every training review's text once (JSONL ``text``), for continued pre-training."""
+    path = out / "review_texts.jsonl"
+    if not path.exists():
+        seen: dict[str, None] = {}
+        for f in (BINARY["train"], THREE["train"]):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                seen.setdefault(json.loads(line)["text"], None)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in seen), encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
 def train_config(name: str, spec: dict, args) -> dict:
     t = spec["task"]
+    out = Path(args.out).resolve()
+    pretrain = spec["method"] == "pretrain"
     micro = min(spec["batch"], args.micro_batch)
     lora = {"r": spec["r"], "alpha": spec["alpha"], "dropout": 0.0, "target_modules": "all-linear",
             "modules_to_save": spec["save"]}
     if spec["init"]:  # a recipe run earlier into the same --out; its adapter fixes r, alpha, targets
-        lora = {"dropout": 0.0, "init_adapter": str(Path(args.out).resolve() / spec["init"] / "adapter")}
-    return {
-        "name": name, "method": spec["method"], "model": args.model, "out": str(Path(args.out) / name),
-        "data": {"path": str(t["train"]), "prompt": str(t["prompt"]), "max_seq_len": spec["max_len"], "limit": args.limit or spec["limit"]},
+        lora = {"dropout": 0.0, "init_adapter": str(out / spec["init"] / "adapter")}
+    data = {"path": str(review_texts(out) if pretrain else t["train"]), "max_seq_len": spec["max_len"],
+            "limit": args.limit or spec["limit"]}
+    if not pretrain:
+        data["prompt"] = str(t["prompt"])
+    cfg = {
+        "name": name, "method": spec["method"], "out": str(Path(args.out) / name), "data": data,
+        "model": str(out / spec["base"] / "model") if spec["base"] else args.model,
         "lora": lora,
         "optim": {"lr": spec["lr"], "warmup_ratio": spec["warmup"], "weight_decay": spec["wd"],
                   "param_groups": spec["groups"]},
         "train": {"epochs": spec["epochs"], "batch_size": spec["batch"], "micro_batch_size": micro,
-                  "micro_batch_tokens": None if args.device == "cuda" else 2048, "seed": args.seed,
+                  "micro_batch_tokens": None if args.device == "cuda" else 2048,
+                  "seed": args.seed if spec["seed"] is None else spec["seed"], "attention": args.attention,
                   "device": args.device, "log_every": 10, "threads": args.threads,
                   "prompt_loss_weight": spec["prompt_w"]},
-        "eval": {"data": str(t["dev"]), "limit": args.eval_limit},
         "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1},
     }
+    if not pretrain:
+        cfg["eval"] = {"data": str(t["dev"]), "limit": args.eval_limit}
+    return cfg
 
 
 def run_one(name: str, spec: dict, args) -> dict:
@@ -139,10 +191,14 @@ def run_one(name: str, spec: dict, args) -> dict:
     resume = args.resume and any((Path(cfg.out) / "checkpoints").glob("*"))
     rep = module.run(cfg, resume=resume, log=lambda m: print(f"  [{name}] {m}", flush=True))
     wall = time.perf_counter() - t0
-    ev = rep["eval"]["variants"]["trained"]
+    if spec["method"] == "pretrain":  # no labelled eval: the held-out perplexity probe says what changed
+        ev = {"n": 0, "before": float("nan"), "after": float("nan"), "after_ci": [float("nan")] * 2}
+    else:
+        ev = rep["eval"]["variants"]["trained"]
     return {"recipe": name, "method": spec["method"], "lr": spec["lr"], "epochs": spec["epochs"], "r": spec["r"],
-            "batch": spec["batch"], "prompt_w": spec["prompt_w"], "train": Path(spec["task"]["train"]).name,
-            "dev": Path(spec["task"]["dev"]).name, "examples": rep["data"]["examples"],
+            "batch": spec["batch"], "prompt_w": spec["prompt_w"], "train": Path(cfg.data.path).name,
+            "dev": spec["task"]["dev"] and Path(spec["task"]["dev"]).name,
+            "seed": args.seed if spec["seed"] is None else spec["seed"], "base": spec["base"], "examples": rep["data"]["examples"],
             "train_tokens": rep["tokens"], "train_s": rep["train_seconds"], "wall_s": round(wall, 1),
             "tok_s": rep["tok_s"], "peak_rss_gb": rep["peak_rss_gb"], "device": rep["device"],
             "cuda": rep["environment"].get("cuda"), "n_dev": ev["n"], "before": ev["before"],
@@ -162,6 +218,8 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N reviews only (smoke runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention", default="varlen", choices=["varlen", "mask"],
+                    help="train.attention: varlen (per-sequence loop; fastest on CPU) or mask (one SDPA call)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--checkpoint-every", type=int, default=25, help="resumable checkpoints every N steps")
     ap.add_argument("--resume", action="store_true", help="continue recipes from their last checkpoint in --out")
@@ -174,7 +232,7 @@ def main() -> None:
                              f" init={v['init']}" if v["init"] else "",
                              "".join(f" {g['match']}x{g.get('lr_scale', 1):g}" for g in v["groups"])])
             print(f"{k:30s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
-                  f"data={Path(v['task']['train']).name}{extra}")
+                  f"data={Path(v['task']['train'] or 'review_texts.jsonl').name}{extra}")
         return
     names = list(RECIPES) if args.all else args.recipes
     unknown = [n for n in names if n not in RECIPES]
@@ -200,9 +258,10 @@ def main() -> None:
         print(f"RESULT {name}: {row['before']:.3f} -> {row['after']:.3f} CI {row['after_ci'][0]:.3f}-"
               f"{row['after_ci'][1]:.3f}  tokens {row['train_tokens']:,}  train {row['train_s']:.0f}s  "
               f"{row['tok_s']:.0f} tok/s", flush=True)
-    best = max(rows, key=lambda r: r["after"]) if rows else None
+    scored = [r for r in rows if r["n_dev"]]  # pretrain rows have no labelled eval
+    best = max(scored, key=lambda r: r["after"]) if scored else None
     print(json.dumps({"recipes": len(rows), "best": best and best["recipe"], "best_accuracy": best and best["after"],
-                      "results": {r["recipe"]: round(r["after"], 4) for r in rows}}))
+                      "results": {r["recipe"]: round(r["after"], 4) for r in scored}}))
 
 
 if __name__ == "__main__":

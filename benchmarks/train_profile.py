@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4, help="profiled steps (after 1 warm-up step)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--attention", default="varlen", choices=["varlen", "mask"], help="train.attention")
+    ap.add_argument("--plain", action="store_true", help="also time the same steps without the profiler")
     ap.add_argument("--out", default="runs/train_profile")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,7 +50,8 @@ def main() -> None:
                  "prompt": str(ROOT / "examples/train/sentiment_binary_short.yaml"), "max_seq_len": 512},
         "optim": {"lr": 3e-4, "warmup_ratio": 0.0},
         "train": {"max_steps": args.steps + 1, "batch_size": args.batch, "micro_batch_size": args.batch,
-                  "micro_batch_tokens": None, "device": args.device},
+                  "micro_batch_tokens": None, "device": args.device,
+                  "attention": args.attention},
     }, "<profile>")
     run = start_run(cfg, log=lambda m: None)
     model = load_base_model(run)
@@ -61,6 +64,13 @@ def main() -> None:
     cfg.train.max_steps = 1
     fit(run, model)
     cfg.train.max_steps = args.steps + 1
+    plain = None
+    if args.plain:  # the profiler's own cost per op is large for a launch-bound GPU step
+        t0 = time.perf_counter()
+        res = fit(run, model, resume=False)
+        if cuda:
+            torch.cuda.synchronize()
+        plain = round(res.history[-1]["tokens"] / (time.perf_counter() - t0), 1)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         res = fit(run, model, resume=False)
@@ -75,6 +85,7 @@ def main() -> None:
     top = sorted(events, key=lambda e: getattr(e, sort, 0), reverse=True)[:5]
     figures = {"device": str(run.device), "method": args.method, "steps": len(res.history), "tokens": tokens,
                "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1) if wall else None,
+               "tok_s_unprofiled": plain, "attention": args.attention,
                "op_share": round(cpu_ops_us / 1e6 / wall, 3) if wall else None,
                "top": [e.key for e in top]}
     print(json.dumps(figures))
