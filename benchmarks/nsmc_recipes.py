@@ -218,8 +218,9 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N reviews only (smoke runs)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--attention", default="varlen", choices=["varlen", "mask"],
-                    help="train.attention: varlen (per-sequence loop; fastest on CPU) or mask (one SDPA call)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "varlen", "mask"],
+                    help="train.attention: varlen (per-sequence loop; fastest on CPU), mask (one SDPA call per "
+                         "layer), auto (varlen on CPU, mask on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--checkpoint-every", type=int, default=25, help="resumable checkpoints every N steps")
     ap.add_argument("--resume", action="store_true", help="continue recipes from their last checkpoint in --out")

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4, help="profiled steps (after 1 warm-up step)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--attention", default="varlen", choices=["varlen", "mask"], help="train.attention")
+    ap.add_argument("--attention", default="auto", choices=["auto", "varlen", "mask"], help="train.attention")
     ap.add_argument("--plain", action="store_true", help="also time the same steps without the profiler")
     ap.add_argument("--out", default="runs/train_profile")
     args = ap.parse_args()
@@ -80,9 +80,10 @@ def main() -> None:
     tokens = res.history[-1]["tokens"] if res.history else 0
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # the averages' attribute (table: old name)
     print(events.table(sort_by=sort, row_limit=15, max_name_column_width=60))
     cpu_ops_us = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: getattr(e, sort, 0), reverse=True)[:5]
+    top = sorted(events, key=lambda e: getattr(e, key, 0), reverse=True)[:5]
     figures = {"device": str(run.device), "method": args.method, "steps": len(res.history), "tokens": tokens,
                "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1) if wall else None,
                "tok_s_unprofiled": plain, "attention": args.attention,

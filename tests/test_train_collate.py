@@ -135,7 +135,7 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
     curves = []
-    for packing, ac, attn in ((True, False, "varlen"), (False, False, "varlen"), (True, True, "varlen"),
+    for packing, ac, attn in ((True, False, "auto"), (False, False, "varlen"), (True, True, "varlen"),
                               (True, False, "mask")):
         cfg = TrainConfig.model_validate({
             "model": str(tiny_model_dir), "out": str(tmp_path / f"out-{packing}-{ac}-{attn}"), "data": {"path": str(data)},
@@ -144,8 +144,18 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
                       "dtype": "float32", "activation_checkpointing": ac, "attention": attn}})
         run = start_run(cfg, log=lambda s: None)
         model = attach_lora(load_base_model(run), cfg.lora, run)
+        assert run.varlen == (packing and attn in ("auto", "varlen"))  # auto on a CPU: varlen
         curves.append([h["loss"] for h in fit(run, model).history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)   # packed == padded
     assert curves[0] == pytest.approx(curves[2], rel=1e-4)   # activation checkpointing changes nothing
     assert curves[0] == pytest.approx(curves[3], rel=1e-4)   # varlen attention == block-diagonal 4D mask
     assert len(curves[0]) == 3
+
+
+def test_attention_auto_is_varlen_on_a_cpu_and_mask_on_cuda():
+    from tunelab.train.loop import resolve_attention
+
+    assert resolve_attention("auto", torch.device("cpu")) == "varlen"
+    assert resolve_attention("auto", torch.device("cuda")) == "mask"   # launch-bound there: one kernel per layer
+    assert resolve_attention("varlen", torch.device("cuda")) == "varlen"
+    assert resolve_attention("mask", torch.device("cpu")) == "mask"

@@ -146,9 +146,11 @@ class LoopConfig(StrictModel):
     packing: bool = Field(True, description="padding-free rows: sequences concatenated with per-sequence "
                                             "positions and a block-diagonal causal mask")
     pack_len: int = Field(1024, ge=8, description="attention 'mask': longest packed row in tokens")
-    attention: Literal["varlen", "mask"] = Field(
-        "varlen", description="packed rows: varlen = one row, causal attention per sequence (sum of L^2 work); "
-                              "mask = rows of pack_len with a block-diagonal 4D mask (any attention implementation)")
+    attention: Literal["auto", "varlen", "mask"] = Field(
+        "auto", description="packed rows: varlen = one row, causal attention per sequence (sum of L^2 work; "
+                            "fastest on a CPU); mask = rows of pack_len with a block-diagonal 4D mask, one "
+                            "attention kernel per layer (any attention implementation); auto: varlen on a CPU, "
+                            "mask on CUDA, where a step is bound by kernel launches")
     seed: int = 0
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto: bf16 on CPUs "
                                                                               "with native bf16 and on CUDA")

@@ -299,6 +299,14 @@ def cast_norm_outputs(model: torch.nn.Module) -> int:
     return n
 
 
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """``train.attention`` for this device. varlen runs ~8 small ops per sequence and layer: on a CPU that beats
+    one masked kernel over the whole row, on CUDA each is a kernel launch, and the step is launch-bound."""
+    if attention != "auto":
+        return attention
+    return "mask" if device.type == "cuda" else "varlen"
+
+
 def load_base_model(run: Run) -> torch.nn.Module:
     """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
     from transformers import AutoModelForCausalLM
@@ -314,7 +322,7 @@ def load_base_model(run: Run) -> torch.nn.Module:
     model.config.use_cache = False
     t = run.cfg.train
     run.varlen = False
-    if t.packing and t.attention == "varlen":
+    if t.packing and resolve_attention(t.attention, run.device) == "varlen":
         run.varlen = use_varlen_attention(model)
         if not run.varlen:
             run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
