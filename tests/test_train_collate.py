@@ -131,7 +131,7 @@ def test_schedule_warmup_then_cosine_to_min():
 def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, tiny_model_dir):
     from tunelab.train.config import TrainConfig
     from tunelab.train.lora import attach_lora
-    from tunelab.train.loop import fit, load_base_model, start_run
+    from tunelab.train.loop import fit, load_base_model, resolve_attention, start_run
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
     curves = []
@@ -144,7 +144,7 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
                       "dtype": "float32", "activation_checkpointing": ac, "attention": attn}})
         run = start_run(cfg, log=lambda s: None)
         model = attach_lora(load_base_model(run), cfg.lora, run)
-        assert run.varlen == (packing and attn in ("auto", "varlen"))  # auto on a CPU: varlen
+        assert run.varlen == (packing and resolve_attention(attn, run.device) == "varlen")
         curves.append([h["loss"] for h in fit(run, model).history])
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)   # packed == padded
     assert curves[0] == pytest.approx(curves[2], rel=1e-4)   # activation checkpointing changes nothing
