@@ -4,8 +4,8 @@ Packing concatenates sequences into rows (first-fit decreasing, at most ``pack_l
 its own sequence's position id, and attention stops at sequence boundaries, so a packed batch computes exactly
 what the same sequences would compute one by one (tested). Two ways to stop it:
 
-- ``varlen`` (default): one row holding every sequence of the micro-batch, no padding at all, and the
-  sequence boundaries (``segments``) handed to an attention function that runs causal attention per sequence
+- ``varlen`` (``train.attention: auto`` on a CPU): one row holding every sequence of the micro-batch, no
+  padding at all, and the sequence boundaries (``segments``) handed to an attention function that runs causal attention per sequence
   (``tunelab.train.loop.varlen_attention``). Attention then costs sum(L_i^2), not (sum L_i)^2.
 - ``mask``: rows of at most ``pack_len`` tokens with a block-diagonal causal bool mask ``(B, 1, T, T)``, which
   transformers uses as given; works with any attention implementation.
