@@ -38,11 +38,10 @@ DEMO_SHORT = {"train": DATA / "nsmc_binary_train_4000.jsonl", "dev": DATA / "nsm
 # continued pre-training: the texts of every training review (binary and three-class train splits; never a
 # dev movie), written to OUT/review_texts.jsonl on first use
 REVIEW_TEXTS = {"train": None, "dev": None, "prompt": None}
-# both label tasks at once: every binary and every three-class training review, each rendered through its own
-# PromptSpec into OpenAI chat format (OUT/mix_binary_three.jsonl, 10,000 conversations; 3,713 reviews appear
-# under both prompts, 287 negatives and ~2,000 neutral reviews only under the three-class one); scored on the
-# binary dev set with the binary prompt
-MIX = {"train": None, "dev": BINARY["dev"], "prompt": BINARY["prompt"], "mix": (BINARY, THREE)}
+# both label tasks at once (data.mix): every binary and every three-class training review, each through its own
+# PromptSpec (10,000 conversations; 3,713 reviews appear under both prompts, 287 negatives and ~2,000 neutral
+# reviews only under the three-class one); scored on the binary dev set with the binary prompt
+MIX = {**BINARY, "mix": [THREE]}
 DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
         "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 
@@ -158,34 +157,6 @@ def review_texts(out: Path) -> Path:
     return path
 
 
-def mix_files(out: Path, tasks: tuple[dict, ...]) -> tuple[Path, Path]:
-    """The tasks' training items rendered through their own PromptSpecs as chat JSONL, and an eval YAML that
-    scores the first task's dev set with the first task's prompt (variant ``trained``)."""
-    from tunelab.prompts import load_prompt_spec
-    from tunelab.train.data import prompt_messages
-
-    data, ev = out / "mix_binary_three.jsonl", out / "mix_eval.yaml"
-    if not data.exists():
-        lines = []
-        for t in tasks:
-            spec = load_prompt_spec(t["prompt"])
-            for i, line in enumerate(t["train"].read_text(encoding="utf-8").splitlines(), 1):
-                msgs, _ = prompt_messages(spec, json.loads(line), f"{t['train']}:{i}")
-                lines.append(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
-        tmp = data.with_suffix(".tmp")
-        tmp.write_text("".join(lines), encoding="utf-8")
-        tmp.replace(data)
-    ev.write_text(json.dumps({"name": "before/after", "data": {"path": str(tasks[0]["dev"])},
-                              "variants": {"trained": str(tasks[0]["prompt"])}}), encoding="utf-8")
-    return data, ev
-
-
-def train_name(task: dict) -> str:
-    """The file a task trains on (generated into OUT for the mixed task and continued pre-training)."""
-    return Path(task["train"]).name if task["train"] else "mix_binary_three.jsonl" if task.get("mix") \
-        else "review_texts.jsonl"
-
-
 def train_config(name: str, spec: dict, args) -> dict:
     t = spec["task"]
     out = Path(args.out).resolve()
@@ -195,11 +166,12 @@ def train_config(name: str, spec: dict, args) -> dict:
             "modules_to_save": spec["save"]}
     if spec["init"]:  # a recipe run earlier into the same --out; its adapter fixes r, alpha, targets
         lora = {"dropout": spec["dropout"], "init_adapter": str(out / spec["init"] / "adapter")}
-    mix = mix_files(out, t["mix"]) if t.get("mix") else None
-    path = review_texts(out) if pretrain else mix[0] if mix else t["train"]
-    data = {"path": str(path), "max_seq_len": spec["max_len"], "limit": args.limit or spec["limit"]}
-    if not pretrain and not mix:
+    data = {"path": str(review_texts(out) if pretrain else t["train"]), "max_seq_len": spec["max_len"],
+            "limit": args.limit or spec["limit"]}
+    if not pretrain:
         data["prompt"] = str(t["prompt"])
+        data["mix"] = [{"path": str(m["train"]), "prompt": str(m["prompt"]), "limit": data["limit"]}
+                       for m in t.get("mix", [])]
     cfg = {
         "name": name, "method": spec["method"], "out": str(Path(args.out) / name), "data": data,
         "model": str(out / spec["base"] / "model") if spec["base"] else args.model,
@@ -213,9 +185,7 @@ def train_config(name: str, spec: dict, args) -> dict:
                   "prompt_loss_weight": spec["prompt_w"]},
         "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1},
     }
-    if mix:
-        cfg["eval"] = {"config": str(mix[1]), "limit": args.eval_limit}
-    elif not pretrain:
+    if not pretrain:
         cfg["eval"] = {"data": str(t["dev"]), "limit": args.eval_limit}
     return cfg
 
@@ -273,8 +243,9 @@ def main() -> None:
                              f" save={','.join(v['save'])}" if v["save"] else "",
                              f" init={v['init']}" if v["init"] else "",
                              "".join(f" {g['match']}x{g.get('lr_scale', 1):g}" for g in v["groups"])])
+            extra += "".join(f" +{Path(m['train']).name}" for m in v["task"].get("mix", []))
             print(f"{k:30s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
-                  f"data={train_name(v['task'])}{extra}")
+                  f"data={Path(v['task']['train'] or 'review_texts.jsonl').name}{extra}")
         return
     names = list(RECIPES) if args.all else args.recipes
     unknown = [n for n in names if n not in RECIPES]

@@ -35,12 +35,15 @@ def test_training_prompt_spec_loads():
 def test_flags_override_fields_and_paths_resolve(tmp_path, monkeypatch):
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "t.yaml").write_text(
-        "method: lora\ndata: {path: d.jsonl, limit: 10}\noptim: {lr: 0.001}\nout: runs/x\n", encoding="utf-8")
+        "method: lora\ndata: {path: d.jsonl, limit: 10, mix: [{path: ../m/e.jsonl, prompt: p.yaml}]}\n"
+        "optim: {lr: 0.001}\nout: runs/x\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     cfg = load_train_config(tmp_path / "cfg" / "t.yaml", {"optim.lr": 5e-4, "train.epochs": 3, "data.limit": None})
     assert cfg.optim.lr == 5e-4 and cfg.train.epochs == 3 and cfg.data.limit == 10
     assert cfg.data.path == str(tmp_path / "cfg" / "d.jsonl")     # relative to the config file
     assert cfg.out == "runs/x"                                     # outputs: relative to where it runs
+    assert cfg.data.mix[0].path == str(tmp_path / "m" / "e.jsonl") and cfg.data.mix[0].prompt == str(
+        tmp_path / "cfg" / "p.yaml")                               # mixed-in files too
     quick = load_train_config(None, {"data.path": "other.jsonl", "data.prompt": "p.yaml", "out": "o"})
     assert quick.data.path == str(tmp_path / "other.jsonl") and quick.data.format == "auto"
     assert quick.out == str(tmp_path / "o") and quick.model is None
@@ -50,7 +53,9 @@ def test_flags_override_fields_and_paths_resolve(tmp_path, monkeypatch):
     ("data: {path: d.jsonl}\nlora: {rank: 8}\n", "lora.rank: unknown field"),
     ("data: {path: d.jsonl}\ntrain: {batch_size: 10, micro_batch_size: 4}\n", "must be a multiple"),
     ("data: {path: d.jsonl}\nmethod: sft\n", "method: Input should be 'lora', 'full' or 'pretrain'"),
-    ("data: {path: d.jsonl, format: prompt}\n", "needs data.prompt"),
+    ("data: {path: d.jsonl, format: prompt}\n", "data: format 'prompt' needs prompt: a PromptSpec YAML"),
+    ("data: {path: d.jsonl, mix: [{path: e.jsonl, format: prompt}]}\n", "data.mix.0: format 'prompt' needs prompt"),
+    ("data: {path: d.jsonl, mix: [{path: e.jsonl, colour: red}]}\n", "data.mix.0.colour: unknown field"),
     ("data: {path: d.jsonl}\neval: {data: dev.jsonl}\n", "eval.data scores held-out items"),
     ("method: lora\n", "data: required field is missing"),
     ("data: [1, 2\n", "invalid YAML"),

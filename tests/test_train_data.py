@@ -79,6 +79,34 @@ def test_real_prompt_spec(tmp_path, tokenizer):
         assert targets_text(ex, tokenizer)[-1].endswith("<|im_end|>")
 
 
+def test_mixed_in_files_keep_their_own_format_and_prompt(tmp_path, tokenizer):
+    from test_train_support import ROOT
+
+    three = str(ROOT / "examples/train/sentiment_three_short.yaml")
+    chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(3))
+    items = write_jsonl(tmp_path / "items.jsonl", reviews(5))
+    data = load_train_data(TrainDataConfig(path=str(chat), mix=[{"path": str(items), "prompt": three, "limit": 4}]),
+                           tokenizer)
+    alone = load_train_data(TrainDataConfig(path=str(items), prompt=three, limit=4), tokenizer)
+    assert data.format == "chat" and data.spec is None   # data.path's format and spec lead (adapter, eval.data)
+    assert [(s["format"], s["examples"]) for s in data.sources] == [("chat", 3), ("prompt", 4)]
+    assert len(data.examples) == data.stats.examples == 7 and data.stats.tokens == sum(map(len, data.examples))
+    assert data.stats.target_tokens == sum(e.n_targets for e in data.examples)
+    # the mixed-in items are rendered through their own PromptSpec, token for token as when trained alone
+    assert [e.input_ids for e in data.examples[3:]] == [e.input_ids for e in alone.examples]
+    assert "Positive, Negative or Neutral" in tokenizer.decode(data.examples[3].input_ids)
+    for ex, row in zip(data.examples[3:], reviews(4)):
+        assert targets_text(ex, tokenizer) == [row["label"] + "<|im_end|>"]
+    assert data.describe() == f"{chat} (chat) + items.jsonl (prompt, 4)"
+    # errors in a mixed-in file name that file and line; a chat file cannot join raw-text pretraining
+    bad = write_jsonl(tmp_path / "bad.jsonl", [reviews(1)[0], {"text": "그냥 그래", "label": "Maybe"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: label 'Maybe' is not in the label set"):
+        load_train_data(TrainDataConfig(path=str(chat), mix=[{"path": str(bad), "prompt": three}]), tokenizer)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}])
+    with pytest.raises(DataError, match=r"chat.jsonl:1: expected a string field 'text'"):
+        load_train_data(TrainDataConfig(path=str(text), mix=[{"path": str(chat)}]), tokenizer, method="pretrain")
+
+
 def test_text_blocks_for_pretraining(tmp_path, tokenizer):
     doc = " ".join(f"word{i}" for i in range(300))
     (tmp_path / "a.txt").write_text(doc, encoding="utf-8")

@@ -90,6 +90,19 @@ def test_dry_run_trains_nothing(tmp_path, tiny_model_dir, chat_file):
     assert "length mean" in p.stderr and not out.exists()
 
 
+def test_dry_run_lists_mixed_in_files(tmp_path, tiny_model_dir, chat_file):
+    items = write_jsonl(tmp_path / "items.jsonl", reviews(8))
+    (tmp_path / "t.yaml").write_text(
+        f"model: {tiny_model_dir}\ndata:\n  path: {chat_file}\n  mix:\n"
+        f"    - {{path: items.jsonl, prompt: {ROOT / 'examples/train/sentiment_three_short.yaml'}}}\n"
+        "train: {batch_size: 8, micro_batch_size: 4}\n", encoding="utf-8")
+    p = run_train(str(tmp_path / "t.yaml"), "--out", str(tmp_path / "o"), "--dry-run")
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert summary["data"]["examples"] == 56 and summary["steps"] == 7   # 48 + 8 examples, batch 8
+    assert f"{chat_file} (chat) + {items.name} (prompt, 8), 56 examples" in p.stderr
+
+
 def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model_dir, chat_file):
     args = ["--max-steps", "12", "--checkpoint-every", "3", "--set", "train.seed=7"]
     ref = tmp_path / "ref"

@@ -26,12 +26,27 @@ Method = Literal["lora", "full", "pretrain"]
 DataFormat = Literal["auto", "chat", "alpaca", "sharegpt", "text", "prompt"]
 
 
-class TrainDataConfig(StrictModel):
+class DataSource(StrictModel):
+    """One training file: its format, and the PromptSpec its labelled items are rendered through."""
+
     path: str = Field(description="JSONL (chat/alpaca/sharegpt/labelled items/text), a .txt file or a folder of .txt")
     format: DataFormat = Field("auto", description="auto: by file type and the first record's fields")
     prompt: str | None = Field(None, description="PromptSpec YAML for labelled items (format: prompt)")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     text_field: str = Field("text", description="field that holds the document (format: text, JSONL)")
+
+    @model_validator(mode="after")
+    def _prompt_format(self) -> "DataSource":
+        if self.format == "prompt" and not self.prompt:
+            raise ValueError("format 'prompt' needs prompt: a PromptSpec YAML")
+        return self
+
+
+class TrainDataConfig(DataSource):
+    mix: list[DataSource] = Field(
+        default_factory=list, description="more files trained together with data.path, each in its own format "
+        "and PromptSpec (another task, general chat data against forgetting); all examples are shuffled together. "
+        "data.prompt stays the one saved with the adapter and used by eval.data")
     max_seq_len: int = Field(1024, ge=8, description="longest example in tokens (pretrain: block size)")
     too_long: Literal["drop", "error"] = Field("drop", description="what to do with longer SFT examples")
 
@@ -207,8 +222,6 @@ class TrainConfig(StrictModel):
         if t.batch_size % t.micro_batch_size:
             raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
                              f"({t.micro_batch_size})")
-        if self.data.format == "prompt" and not self.data.prompt:
-            raise ValueError("data.format 'prompt' needs data.prompt (a PromptSpec YAML)")
         if self.eval is not None and self.eval.data and not self.data.prompt:
             raise ValueError("eval.data scores held-out items with the training PromptSpec: set data.prompt, "
                              "or use eval.config")
@@ -286,6 +299,11 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
             v = _get(data, key)
             if v is not None:
                 set_field(data, key, _absolute(v, base, key))
+        mix = _get(data, "data.mix")
+        for src in mix if isinstance(mix, list) else []:
+            for key in ("path", "prompt"):
+                if isinstance(src, dict) and src.get(key) is not None:
+                    src[key] = _absolute(src[key], base, key)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     given.update(sets or {})
     for key, value in given.items():

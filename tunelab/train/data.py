@@ -80,6 +80,13 @@ class TrainData:
     format: str
     path: Path
     spec: Any = None  # the PromptSpec for format 'prompt'
+    sources: list[dict[str, Any]] = field(default_factory=list)  # per file: path, format, examples, tokens
+
+    def describe(self) -> str:
+        """``path (format)``, and the mixed-in files after it."""
+        head = f"{self.path} ({self.format})"
+        return head + "".join(f" + {Path(s['path']).name} ({s['format']}, {s['examples']:,})"
+                              for s in self.sources[1:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +302,23 @@ def _text_documents(path: Path, text_field: str, limit: int | None) -> list[tupl
 
 
 def load_train_data(data_cfg, tokenizer, *, method: str = "lora", spec: Any = None) -> TrainData:
-    """Read, validate and tokenize a dataset; errors name the file and line."""
+    """Read, validate and tokenize a dataset and the files of ``data.mix``; errors name the file and line.
+    Examples keep the order of the files (the training loop shuffles them together)."""
+    data = _load_source(data_cfg, data_cfg, tokenizer, method, spec)
+    for src in getattr(data_cfg, "mix", None) or []:
+        more = _load_source(src, data_cfg, tokenizer, method, None)
+        data.examples += more.examples
+        data.stats.examples += more.stats.examples
+        data.stats.tokens += more.stats.tokens
+        data.stats.target_tokens += more.stats.target_tokens
+        data.stats.dropped_too_long += more.stats.dropped_too_long
+        data.stats.lengths += more.stats.lengths
+        data.sources += more.sources
+    return data
+
+
+def _load_source(data_cfg, limits, tokenizer, method: str, spec: Any) -> TrainData:
+    """One file; ``limits`` holds max_seq_len and too_long (data's, for every mixed-in file too)."""
     path = Path(data_cfg.path)
     if not path.exists():
         raise DataError(f"no such file: {path}")
@@ -313,7 +336,7 @@ def load_train_data(data_cfg, tokenizer, *, method: str = "lora", spec: Any = No
     examples: list[Example] = []
     if fmt == "text":
         for text, where in _text_documents(path, data_cfg.text_field, data_cfg.limit):
-            examples += encode_text_blocks(tokenizer, text, data_cfg.max_seq_len, where)
+            examples += encode_text_blocks(tokenizer, text, limits.max_seq_len, where)
     else:
         if rows is None:
             rows = read_records(path, limit=data_cfg.limit)
@@ -333,15 +356,15 @@ def load_train_data(data_cfg, tokenizer, *, method: str = "lora", spec: Any = No
             else:
                 msgs, train = CONVERTERS[fmt](r, where)
             ex = enc.encode(msgs, train, where)
-            if len(ex) > data_cfg.max_seq_len:
-                if data_cfg.too_long == "error":
+            if len(ex) > limits.max_seq_len:
+                if limits.too_long == "error":
                     raise DataError(f"example has {len(ex)} tokens, more than data.max_seq_len "
-                                    f"({data_cfg.max_seq_len})", where=where)
+                                    f"({limits.max_seq_len})", where=where)
                 stats.dropped_too_long += 1
                 continue
             examples.append(ex)
     if not examples:
-        extra = f" ({stats.dropped_too_long} longer than max_seq_len {data_cfg.max_seq_len})" \
+        extra = f" ({stats.dropped_too_long} longer than max_seq_len {limits.max_seq_len})" \
             if stats.dropped_too_long else ""
         raise DataError(f"no usable training examples{extra}", where=str(path))
     for ex in examples:
@@ -349,7 +372,9 @@ def load_train_data(data_cfg, tokenizer, *, method: str = "lora", spec: Any = No
         stats.tokens += len(ex)
         stats.target_tokens += ex.n_targets
         stats.lengths.append(len(ex))
-    return TrainData(examples, stats, fmt, path, spec)
+    source = {"path": str(path), "format": fmt, "examples": stats.examples, "tokens": stats.tokens,
+              "dropped_too_long": stats.dropped_too_long}
+    return TrainData(examples, stats, fmt, path, spec, [source])
 
 
 # --------------------------------------------------------------------------------------------------

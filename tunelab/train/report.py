@@ -49,7 +49,7 @@ def show_preview(run: Run) -> dict[str, Any]:
     first = data.examples[0]
     eot = end_of_turn_marker(tok) if data.format != "text" else None
     eos_ok = eos_supervised(first, tok, eot)
-    info = {"format": data.format, "path": str(data.path), "stats": stats, "first_example": first.where,
+    info = {"format": data.format, "path": str(data.path), "sources": data.sources, "stats": stats, "first_example": first.where,
             "first_targets": first.n_targets, "eos_supervised": eos_ok}
     if not run.is_main:
         return info
@@ -58,7 +58,7 @@ def show_preview(run: Run) -> dict[str, Any]:
     t = run.cfg.train
     accum = max(1, math.ceil(t.batch_size // run.world / t.micro_batch_size))
     lines = [
-        f"data: {data.path} ({data.format}), {stats['examples']:,} examples, {stats['tokens']:,} tokens, "
+        f"data: {data.describe()}, {stats['examples']:,} examples, {stats['tokens']:,} tokens, "
         f"{stats['target_tokens']:,} targets ({stats['target_share']:.1%})",
         f"  length mean {stats['length_mean']}, p50 {stats['length_p50']}, p95 {stats['length_p95']}, "
         f"max {stats['length_max']}" + (f"; {stats['dropped_too_long']} dropped (> data.max_seq_len "
@@ -339,7 +339,8 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     rep = {
         "name": run.cfg.name or run.out.name, "method": run.cfg.method, "base_model": run.cfg.model or "bundled",
         "artifact": str(artifact), "artifact_kind": kind, "out": str(run.out),
-        "parameters": params, "data": {"path": str(run.data.path), "format": run.data.format, **stats},
+        "parameters": params, "data": {"path": str(run.data.path), "format": run.data.format, **stats,
+                                       "sources": run.data.sources},
         "steps": result.steps, "resumed_from": result.resumed_from, "processes": run.world,
         "tokens": result.tokens, "target_tokens": result.target_tokens,
         "train_seconds": round(result.train_seconds, 2), "tok_s": round(result.tok_s, 2),
@@ -412,6 +413,8 @@ def write_html(path: Path, rep: dict[str, Any]) -> None:
              "</table>",
              "<h2>Data</h2><table>",
              _row("file", f"{d['path']} ({d['format']})"),
+             *[_row("mixed in", f"{x['path']} ({x['format']}, {x['examples']:,} examples)")
+               for x in d.get("sources", [])[1:]],
              _row("examples / tokens / targets", f"{d['examples']:,} / {d['tokens']:,} / {d['target_tokens']:,} "
                                                  f"({d['target_share']:.1%})"),
              _row("length mean / p50 / p95 / max", f"{d['length_mean']} / {d['length_p50']} / {d['length_p95']} / "
