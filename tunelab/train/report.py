@@ -49,8 +49,8 @@ def show_preview(run: Run) -> dict[str, Any]:
     first = data.examples[0]
     eot = end_of_turn_marker(tok) if data.format != "text" else None
     eos_ok = eos_supervised(first, tok, eot)
-    info = {"format": data.format, "path": str(data.path), "sources": data.sources, "stats": stats, "first_example": first.where,
-            "first_targets": first.n_targets, "eos_supervised": eos_ok}
+    info = {"format": data.format, "path": str(data.path), "sources": data.sources, "stats": stats,
+            "first_example": first.where, "first_targets": first.n_targets, "eos_supervised": eos_ok}
     if not run.is_main:
         return info
     text = marked_text(supervision_preview(first, tok))
