@@ -250,16 +250,19 @@ def set_field(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 PATH_FIELDS = ("data.path", "data.prompt", "out", "model", "eval.config", "eval.data", "forgetting.data",
-               "lora.init_adapter")
+               "lora.init_adapter", "data.mix.*.path", "data.mix.*.prompt")  # *: every item of a list
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    cur: Any = data
-    for p in dotted.split("."):
-        if not isinstance(cur, dict) or p not in cur:
-            return None
-        cur = cur[p]
-    return cur
+def _slots(data: dict[str, Any], dotted: str) -> list[tuple[dict[str, Any], str]]:
+    """The (mapping, key) pairs that ``a.b.c`` names and that are present; ``*`` steps into every list item."""
+    holders: list[Any] = [data]
+    *parents, last = dotted.split(".")
+    for p in parents:
+        if p == "*":
+            holders = [x for h in holders if isinstance(h, list) for x in h]
+        else:
+            holders = [h[p] for h in holders if isinstance(h, dict) and p in h]
+    return [(h, last) for h in holders if isinstance(h, dict) and h.get(last) is not None]
 
 
 def _absolute(value: Any, base_dir: Path, key: str) -> Any:
@@ -296,14 +299,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
         for key in PATH_FIELDS:
             if key == "out":  # outputs go where the command runs, like `tunelab eval --out`
                 continue
-            v = _get(data, key)
-            if v is not None:
-                set_field(data, key, _absolute(v, base, key))
-        mix = _get(data, "data.mix")
-        for src in mix if isinstance(mix, list) else []:
-            for key in ("path", "prompt"):
-                if isinstance(src, dict) and src.get(key) is not None:
-                    src[key] = _absolute(src[key], base, key)
+            for holder, k in _slots(data, key):
+                holder[k] = _absolute(holder[k], base, key)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     given.update(sets or {})
     for key, value in given.items():

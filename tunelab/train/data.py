@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,6 +62,11 @@ class DataStats:
     target_tokens: int = 0
     dropped_too_long: int = 0
     lengths: list[int] = field(default_factory=list, repr=False)
+
+    def add(self, other: "DataStats") -> None:
+        """Another file's counts and lengths added to these (every field, so a new one is not forgotten)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict[str, Any]:
         ls = sorted(self.lengths) or [0]
@@ -305,14 +310,10 @@ def load_train_data(data_cfg, tokenizer, *, method: str = "lora", spec: Any = No
     """Read, validate and tokenize a dataset and the files of ``data.mix``; errors name the file and line.
     Examples keep the order of the files (the training loop shuffles them together)."""
     data = _load_source(data_cfg, data_cfg, tokenizer, method, spec)
-    for src in getattr(data_cfg, "mix", None) or []:
+    for src in data_cfg.mix:
         more = _load_source(src, data_cfg, tokenizer, method, None)
         data.examples += more.examples
-        data.stats.examples += more.stats.examples
-        data.stats.tokens += more.stats.tokens
-        data.stats.target_tokens += more.stats.target_tokens
-        data.stats.dropped_too_long += more.stats.dropped_too_long
-        data.stats.lengths += more.stats.lengths
+        data.stats.add(more.stats)
         data.sources += more.sources
     return data
 
