@@ -101,6 +101,12 @@ def test_dry_run_lists_mixed_in_files(tmp_path, tiny_model_dir, chat_file):
     summary = json.loads(p.stdout)
     assert summary["data"]["examples"] == 56 and summary["steps"] == 7   # 48 + 8 examples, batch 8
     assert f"{chat_file} (chat) + {items.name} (prompt, 8), 56 examples" in p.stderr
+    # a bad record in a mixed-in file: one line naming that file and line, exit 2, nothing written
+    write_jsonl(items, reviews(2) + [{"text": "그냥 그래", "label": "Maybe"}])
+    p = run_train(str(tmp_path / "t.yaml"), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2, p.stderr
+    assert f"{items}:3: label 'Maybe' is not in the label set" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path, tiny_model_dir, chat_file):
