@@ -50,14 +50,14 @@ def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int
            batch: int = 16, limit: int | None = None, warmup: float = 0.05, wd: float = 0.0,
            save: list[str] | None = None, max_len: int = 512, groups: list[dict] | None = None,
            prompt_w: float = 0.0, init: str | None = None, base: str | None = None,
-           seed: int | None = None, dropout: float = 0.0) -> dict:
+           seed: int | None = None, dropout: float = 0.0, ema: float | None = None) -> dict:
     """``init``: start LoRA from the adapter of that recipe; ``base``: train over the model that pretrain
     recipe wrote (continued pre-training first); both must have run into the same --out. ``seed``: fixed
-    seed (else --seed)."""
+    seed (else --seed). ``ema``: train.ema_decay (the average is the result; the last weights are scored too)."""
     return {"task": task, "method": method, "lr": lr, "epochs": epochs, "r": r, "alpha": alpha or 2 * r,
             "batch": batch, "limit": limit, "warmup": warmup, "wd": wd, "save": save,
             "max_len": max_len, "groups": groups or [], "prompt_w": prompt_w, "init": init, "base": base,
-            "seed": seed, "dropout": dropout}
+            "seed": seed, "dropout": dropout, "ema": ema}
 
 
 def emb_pl(task: dict, *, lr: float = 5e-4, epochs: float = 2, batch: int = 8, prompt_w: float = 0.1, **kw) -> dict:
@@ -115,6 +115,10 @@ RECIPES = {
     "lora_emb_pl0.1_lr3e-4_e2_b8_s2": emb_pl(BINARY, lr=3e-4, seed=2),
     "lora_emb_pl0.3_d0.1_lr3e-4_e2_b8": emb_pl(BINARY, lr=3e-4, prompt_w=0.3, dropout=0.1),
     "lora_emb_pl0.1_lr2e-4_e2_b8": emb_pl(BINARY, lr=2e-4),
+    # a moving average of the weights over about the last 500 steps (the second epoch), scored against the last
+    # weights of the same run
+    "lora_emb_pl0.1_lr5e-4_e2_b8_ema": emb_pl(BINARY, ema=0.998),
+    "lora_emb_pl0.1_lr3e-4_e2_b8_ema": emb_pl(BINARY, lr=3e-4, ema=0.998),
     # continued pre-training on the review texts, then the default recipe over that model
     "cpt_lr5e-5_e1": recipe(REVIEW_TEXTS, "pretrain", lr=5e-5, epochs=1, batch=16, wd=0.01, max_len=256),
     "cpt_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, base="cpt_lr5e-5_e1"),
@@ -182,7 +186,7 @@ def train_config(name: str, spec: dict, args) -> dict:
                   "micro_batch_tokens": None if args.device == "cuda" else 2048,
                   "seed": args.seed if spec["seed"] is None else spec["seed"], "attention": args.attention,
                   "device": args.device, "log_every": 10, "threads": args.threads,
-                  "prompt_loss_weight": spec["prompt_w"]},
+                  "prompt_loss_weight": spec["prompt_w"], "ema_decay": spec["ema"]},
         "checkpoint": {"every_steps": args.checkpoint_every, "keep": 1},
     }
     if not pretrain:
@@ -214,7 +218,16 @@ def run_one(name: str, spec: dict, args) -> dict:
             "tok_s": rep["tok_s"], "peak_rss_gb": rep["peak_rss_gb"], "device": rep["device"],
             "cuda": rep["environment"].get("cuda"), "n_dev": ev["n"], "before": ev["before"],
             "after": ev["after"], "after_ci": ev["after_ci"], "diff": ev.get("diff"), "diff_ci": ev.get("diff_ci"),
-            "p": ev.get("mcnemar_p"), "loss_last10": rep["loss"]["last10_mean"]}
+            "p": ev.get("mcnemar_p"), "loss_last10": rep["loss"]["last10_mean"], **ema_fields(rep)}
+
+
+def ema_fields(rep: dict) -> dict:
+    """With train.ema_decay: the last weights' accuracy and the average's paired difference from it."""
+    c = ((rep.get("eval") or {}).get("ema") or {}).get("trained")
+    if not c:
+        return {}
+    return {"ema_decay": rep["ema_decay"], "last": c["before"], "last_ci": c["before_ci"], "ema_diff": c["diff"],
+            "ema_diff_ci": c["diff_ci"], "ema_p": c["mcnemar_p"]}
 
 
 def main() -> None:

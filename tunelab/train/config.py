@@ -173,6 +173,11 @@ class LoopConfig(StrictModel):
         0.0, ge=0.0, description="SFT: also train language modelling on the prompt tokens (system prompt, user "
                                  "turn; everything but the answer), its mean loss counted this many times the "
                                  "answer's; 0: answers only. Helps short answers to long inputs (a label)")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="keep an exponential moving average of the trained weights (Polyak "
+                                           "averaging; e.g. 0.998 averages over about the last 500 steps) and save "
+                                           "it as the result; the last weights are saved beside it (adapter-last/, "
+                                           "model-last/) and the before/after eval scores both. null: off")
     activation_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")

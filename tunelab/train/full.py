@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunelab.train import report
 from tunelab.train.config import TrainConfig
-from tunelab.train.loop import Run, fit, load_base_model, start_run
+from tunelab.train.loop import Run, fit, load_base_model, save_last, start_run
 
 
 def save_model(run: Run, model, target: Path | None = None) -> Path:
@@ -39,6 +39,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     r.log(f"full fine-tuning: {params['trainable']:,} trainable parameters")
     result = fit(r, model)
     artifact = save_model(r, model) if r.is_main else r.out / "model"
+    last = save_last(r, model, result, save_model, "model-last")
     probe.measure_after(r, model)
     del model
-    return report.finish(r, result, params, probe, artifact=artifact, kind="model")
+    return report.finish(r, result, params, probe, artifact=artifact, kind="model", last=last)

@@ -473,6 +473,8 @@ class FitResult:
     train_seconds: float
     resumed_from: int | None
     peak_rss_gb: float = 0.0  # at the end of training (before saving, probes and eval)
+    # with train.ema_decay: the model holds the averaged weights after fit; these are the last ones (on the CPU)
+    last_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def tok_s(self) -> float:
@@ -481,6 +483,77 @@ class FitResult:
 
 def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+class WeightEMA:
+    """An exponential moving average of the trained weights (Polyak averaging), updated after every optimizer step:
+    ``avg = d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` after the n-th update, so that the
+    first steps do not keep the average near the initial weights for long. Kept in fp32 beside the parameters;
+    checkpointed with them (as ``ema::NAME`` tensors), so a resumed run averages exactly as an uninterrupted one."""
+
+    PREFIX = "ema::"
+
+    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.named = named
+        self.avg = {n: p.detach().float().clone() for n, p in named.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        names = list(self.avg)
+        torch._foreach_lerp_([self.avg[n] for n in names], [self.named[n].detach().float() for n in names], 1 - d)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {self.PREFIX + n: t for n, t in self.avg.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], updates: int) -> bool:
+        """Restore from a checkpoint's tensors; False (left as is) when the checkpoint has no average."""
+        if not all(self.PREFIX + n in tensors for n in self.avg):
+            return False
+        for n, t in self.avg.items():
+            t.copy_(tensors[self.PREFIX + n])
+        self.updates = updates
+        return True
+
+    @torch.no_grad()
+    def swap_in(self) -> dict[str, torch.Tensor]:
+        """Put the average into the parameters; returns the last weights (CPU copies)."""
+        last = {n: p.detach().to("cpu", copy=True) for n, p in self.named.items()}
+        load_weights(self.named, self.avg)
+        return last
+
+
+@torch.no_grad()
+def load_weights(named: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    for n, p in named.items():
+        p.copy_(weights[n].to(p.device, p.dtype))
+
+
+@contextlib.contextmanager
+def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
+    """Run the body with ``weights`` (by trainable parameter name) in ``model``; the current ones come back after."""
+    named = trainable_named(model)
+    keep = {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
+    load_weights(named, weights)
+    try:
+        yield model
+    finally:
+        load_weights(named, keep)
+
+
+def save_last(run: Run, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
+              name: str) -> Path | None:
+    """With ``train.ema_decay`` the run's result is the average; this saves the last weights as OUT/NAME too."""
+    if result.last_weights is None:
+        return None
+    target = run.out / name
+    if run.is_main:
+        with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
+            save(run, model, target)
+    return target
 
 
 def build_optimizer(run: Run, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -509,7 +582,8 @@ def param_groups(o: OptimConfig, named: dict[str, torch.nn.Parameter]) -> list[d
     return groups
 
 
-def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path) -> dict:
+def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path,
+            ema: WeightEMA | None = None) -> dict:
     """Load the latest checkpoint into the parameters, optimizer and RNGs; the counters to continue from."""
     ck = latest_checkpoint(run.out)
     if ck is None:
@@ -527,9 +601,9 @@ def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimize
     if missing:
         raise ConfigError(f"the checkpoint does not match this model ({len(missing)} trainable tensors missing, "
                           f"e.g. {sorted(missing)[0]})", where=str(ck))
-    with torch.no_grad():
-        for n, p in named.items():
-            p.copy_(loaded["weights"][n].to(p.device, p.dtype))
+    load_weights(named, loaded["weights"])
+    if ema is not None and not ema.load(loaded["weights"], st.get("ema_updates", 0)):
+        run.log(f"train.ema_decay: {ck.name} has no weight average; averaging from its weights on")
     # The config's per-group hyper-parameters win over the checkpoint's, as optim.lr does (the schedule is
     # recomputed every step); the split of the parameters into groups must be the one the checkpoint has.
     config_groups = [{k: g[k] for k in ("lr_scale", "weight_decay")} for g in optimizer.param_groups]
@@ -564,7 +638,9 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    state = _resume(run, plan, named, optimizer, metrics_path) if (run.resume if resume is None else resume) else {}
+    ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
+    state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
+        else {}
     start_step, tokens = state.get("step", 0), state.get("tokens", 0)
     targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
     history: list[dict[str, Any]] = state.get("history", [])
@@ -614,6 +690,8 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
                 grad_norm = float(acc.clip_grad_norm_(list(named.values()), o.clip_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             stats = torch.tensor([float(loss_sum), float(step_tokens), float(prompt_sum)], device=run.device)
             if run.world > 1:
                 stats = acc.reduce(stats, reduction="sum")
@@ -640,8 +718,11 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
             every = cfg.checkpoint.every_steps
             if every and (step + 1) % every == 0 and step + 1 < plan.total_steps:
                 weights = {n: p.detach() for n, p in named.items()}
+                if ema is not None:
+                    weights.update(ema.tensors())
                 save_checkpoint(out, step + 1, weights=weights, optimizer=optimizer,
                                 state={"tokens": tokens, "target_tokens": targets_seen, "train_seconds": elapsed,
+                                       "ema_updates": ema.updates if ema is not None else None,
                                        "epoch": (step + 1) // max(1, plan.steps_per_epoch),
                                        "step_in_epoch": (step + 1) % max(1, plan.steps_per_epoch),
                                        "total_steps": plan.total_steps, "lr": lr, "plan": plan.key()},
@@ -652,7 +733,8 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
     finally:
         view.close()
     acc.wait_for_everyone()
-    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb())
+    last = ema.swap_in() if ema is not None else None
+    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last)
 
 
 # --------------------------------------------------------------------------------------------------

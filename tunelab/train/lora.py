@@ -16,7 +16,7 @@ import torch
 from tunelab.errors import ModelError
 from tunelab.train import report
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
-from tunelab.train.loop import Run, fit, load_base_model, start_run
+from tunelab.train.loop import Run, fit, load_base_model, save_last, start_run
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None = None) -> torch.nn.Module:
@@ -109,6 +109,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
           f"{params['trainable']:,} trainable of {params['total']:,} ({params['trainable_share']:.2%})")
     result = fit(r, model)
     artifact = save_adapter(r, model) if r.is_main else r.out / "adapter"
+    last = save_last(r, model, result, save_adapter, "adapter-last")
     probe.measure_after(r, model)
     del model
-    return report.finish(r, result, params, probe, artifact=artifact, kind="adapter")
+    return report.finish(r, result, params, probe, artifact=artifact, kind="adapter", last=last)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from tunelab.train import report
 from tunelab.train.config import TrainConfig
 from tunelab.train.full import save_model
-from tunelab.train.loop import fit, load_base_model, start_run
+from tunelab.train.loop import fit, load_base_model, save_last, start_run
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
@@ -26,6 +26,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     params = report.parameter_summary(model)
     result = fit(r, model)
     artifact = save_model(r, model) if r.is_main else r.out / "model"
+    last = save_last(r, model, result, save_model, "model-last")
     probe.measure_after(r, model)
     del model
-    return report.finish(r, result, params, probe, artifact=artifact, kind="model")
+    return report.finish(r, result, params, probe, artifact=artifact, kind="model", last=last)

@@ -227,8 +227,10 @@ def paired_comparison(before: dict[str, bool], after: dict[str, bool]) -> dict[s
             "mcnemar_p": p, "significant": bool(p < 0.05)}
 
 
-def before_after_eval(run: Run, artifact: Path, kind: str) -> dict[str, Any] | None:
-    """Run the same eval config on the base model and on the trained one (one EvalRunner, two models)."""
+def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any] | None:
+    """Run the same eval config on the base model and on the trained one (one EvalRunner, two models). With a
+    weight average (``train.ema_decay``) the last weights (``last``) are a third model, compared with the average
+    on the same items (``out["ema"]``: before = last weights, after = average)."""
     e = run.cfg.eval
     if e is None:
         return None
@@ -242,10 +244,14 @@ def before_after_eval(run: Run, artifact: Path, kind: str) -> dict[str, Any] | N
         cfg = validate_as(EvalConfig, {"name": "before/after", "data": {"path": e.data},
                                        "variants": {"trained": run.cfg.data.prompt}}, "eval.data")
         base_dir = Path.cwd()
-    before = ModelConfig(name="before", model=run.cfg.model)
-    after = (ModelConfig(name="after", model=run.cfg.model, adapter=str(artifact)) if kind == "adapter"
-             else ModelConfig(name="after", model=str(artifact)))
-    cfg = validate_as(EvalConfig, {**cfg.model_dump(), "models": [before.model_dump(), after.model_dump()]},
+    def trained(name: str, path: Path) -> ModelConfig:
+        return (ModelConfig(name=name, model=run.cfg.model, adapter=str(path)) if kind == "adapter"
+                else ModelConfig(name=name, model=str(path)))
+
+    models = [ModelConfig(name="before", model=run.cfg.model), trained("after", artifact)]
+    if last is not None:
+        models.append(trained("last", last))
+    cfg = validate_as(EvalConfig, {**cfg.model_dump(), "models": [m.model_dump() for m in models]},
                       e.config or "eval.data")
     t0 = time.perf_counter()
     runner = EvalRunner(cfg, base_dir, run.out / "eval", limit=e.limit, use_cache=True)
@@ -255,11 +261,15 @@ def before_after_eval(run: Run, artifact: Path, kind: str) -> dict[str, Any] | N
     out: dict[str, Any] = {"config": e.config or e.data, "items": summary.get("n_items"),
                            "metric": summary.get("metric"), "wall_s": round(time.perf_counter() - t0, 1),
                            "variants": {}}
+    if last is not None:
+        out["ema"] = {}
     for variant in sorted({r["variant"] for r in rows}):
-        by = {m: {r["item_id"]: bool(r["correct"]) for r in rows
-                  if r["variant"] == variant and r["model"] == m and r.get("sample", 0) == 0
-                  and r.get("correct") is not None} for m in ("before", "after")}
+        by = {m.name: {r["item_id"]: bool(r["correct"]) for r in rows
+                       if r["variant"] == variant and r["model"] == m.name and r.get("sample", 0) == 0
+                       and r.get("correct") is not None} for m in models}
         out["variants"][variant] = paired_comparison(by["before"], by["after"])
+        if last is not None:
+            out["ema"][variant] = paired_comparison(by["last"], by["after"])
     return out
 
 
@@ -314,7 +324,7 @@ def flops_per_token(model_config: Any, method: str, mean_row_len: float, target_
 # the end of a run
 # --------------------------------------------------------------------------------------------------
 def finish(run: Run, result: FitResult, params: dict[str, Any], probe: ForgettingProbe, *, artifact: Path,
-           kind: str) -> dict[str, Any]:
+           kind: str, last: Path | None = None) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     if not run.is_main:
         return {}
@@ -331,7 +341,7 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     mfu = result.tok_s * fpt / peak if peak else None
     ev = None
     try:
-        ev = before_after_eval(run, artifact, kind)
+        ev = before_after_eval(run, artifact, kind, last)
     except Exception as e:  # noqa: BLE001 - the trained artifact is saved; report the eval failure, do not lose it
         run.log(f"warning: before/after eval failed: {type(e).__name__}: {e}")
         ev = {"error": f"{type(e).__name__}: {e}"}
@@ -339,6 +349,7 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     rep = {
         "name": run.cfg.name or run.out.name, "method": run.cfg.method, "base_model": run.cfg.model or "bundled",
         "artifact": str(artifact), "artifact_kind": kind, "out": str(run.out),
+        "ema_decay": t.ema_decay, "last_weights": str(last) if last is not None else None,
         "parameters": params, "data": {"path": str(run.data.path), "format": run.data.format, **stats,
                                        "sources": run.data.sources},
         "steps": result.steps, "resumed_from": result.resumed_from, "processes": run.world,
@@ -365,6 +376,12 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
                 lo, hi = c["diff_ci"]
                 run.log(f"eval {v}: {c['before']:.1%} -> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI "
                         f"[{lo * 100:+.1f}, {hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g}, n={c['n']})")
+        for v, c in ev.get("ema", {}).items():
+            if c.get("n"):
+                lo, hi = c["diff_ci"]
+                run.log(f"eval {v}, weight average (ema_decay {t.ema_decay:g}) vs last weights: {c['before']:.1%} "
+                        f"-> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI [{lo * 100:+.1f}, "
+                        f"{hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g})")
     run.log(f"report: {run.out / 'report.html'}")
     return rep
 
@@ -392,6 +409,21 @@ def _mfu_text(m: dict[str, Any]) -> str:
 
 def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
+
+
+def _paired_table(variants: dict[str, dict[str, Any]], before: str, after: str) -> str:
+    rows = [f"<table><tr><th>variant</th><th>{before}</th><th>{after}</th><th>difference</th><th>gained / lost</th>"
+            "<th>p</th></tr>"]
+    for v, c in variants.items():
+        if not c.get("n"):
+            continue
+        rows.append(
+            f"<tr><td>{html.escape(v)}</td><td>{_pct(c['before'])} [{_pct(c['before_ci'][0])}, "
+            f"{_pct(c['before_ci'][1])}]</td><td>{_pct(c['after'])} [{_pct(c['after_ci'][0])}, "
+            f"{_pct(c['after_ci'][1])}]</td><td>{c['diff'] * 100:+.1f} [{c['diff_ci'][0] * 100:+.1f}, "
+            f"{c['diff_ci'][1] * 100:+.1f}]</td><td>{c['gained']} / {c['lost']}</td>"
+            f"<td>{c['mcnemar_p']:.3g}</td></tr>")
+    return "".join(rows) + "</table>"
 
 
 def write_html(path: Path, rep: dict[str, Any]) -> None:
@@ -428,18 +460,12 @@ def write_html(path: Path, rep: dict[str, Any]) -> None:
         else:
             parts.append(f"<p>{html.escape(str(ev['config']))}, {ev['items']} items; 95% intervals (Wilson for "
                          "accuracies, paired normal for the difference), exact McNemar test.</p>")
-            parts.append("<table><tr><th>variant</th><th>before</th><th>after</th><th>difference</th><th>gained / lost"
-                         "</th><th>p</th></tr>")
-            for v, c in ev["variants"].items():
-                if not c.get("n"):
-                    continue
-                parts.append(
-                    f"<tr><td>{html.escape(v)}</td><td>{_pct(c['before'])} [{_pct(c['before_ci'][0])}, "
-                    f"{_pct(c['before_ci'][1])}]</td><td>{_pct(c['after'])} [{_pct(c['after_ci'][0])}, "
-                    f"{_pct(c['after_ci'][1])}]</td><td>{c['diff'] * 100:+.1f} [{c['diff_ci'][0] * 100:+.1f}, "
-                    f"{c['diff_ci'][1] * 100:+.1f}]</td><td>{c['gained']} / {c['lost']}</td>"
-                    f"<td>{c['mcnemar_p']:.3g}</td></tr>")
-            parts.append("</table>")
+            parts.append(_paired_table(ev["variants"], "before", "after"))
+            if ev.get("ema"):
+                parts.append(f"<h3>Weight average (ema_decay {rep['ema_decay']:g}) against the last weights</h3>"
+                             f"<p>{html.escape(rep['artifact'])} holds the average; the last weights are in "
+                             f"{html.escape(str(rep['last_weights']))}.</p>")
+                parts.append(_paired_table(ev["ema"], "last weights", "average"))
     fg = rep.get("forgetting")
     if fg:
         parts += ["<h2>Forgetting probe</h2><table>", _row("data", f"{fg['data']} ({fg['examples']} examples)"),
