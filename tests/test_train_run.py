@@ -151,6 +151,7 @@ def test_weight_average_is_the_result_with_the_last_weights_beside_it_and_surviv
     assert rep["ema_decay"] == 0.5 and rep["last_weights"] == str(out / "adapter-last")
     c = rep["eval"]["ema"]["trained"]
     assert c["n"] == 8 and c["after"] == rep["eval"]["variants"]["trained"]["after"]
+    assert "weight average: ema_decay 0.5 (about the last 2 steps)" in p.stderr   # the preview
     assert "weight average (ema_decay 0.5) vs last weights" in p.stderr
     assert "against the last weights" in (out / "report.html").read_text()
     ck = load_file(str(out / "checkpoints" / "step-000004" / "weights.safetensors"))

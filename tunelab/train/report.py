@@ -74,6 +74,10 @@ def show_preview(run: Run) -> dict[str, Any]:
         lines.insert(-1, f"prompt loss: the other {first.n_prompt_targets} tokens of each example are trained too, "
                          f"their mean loss weighted {t.prompt_loss_weight:g} x the answer's "
                          "(train.prompt_loss_weight)")
+    if t.ema_decay:
+        lines.insert(-1, f"weight average: ema_decay {t.ema_decay:g} (about the last {round(1 / (1 - t.ema_decay))} "
+                         f"steps) is the result; the last weights go to {run.out.name}/"
+                         f"{'adapter' if run.cfg.method == 'lora' else 'model'}-last")
     for ln in lines:
         run.log(ln)
     run.log(text)
