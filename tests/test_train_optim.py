@@ -97,3 +97,24 @@ def test_resume_takes_lr_scale_from_the_config_and_refuses_other_groups(tmp_path
     assert p.returncode == 0, p.stderr
     assert "resumed from step-000001" in p.stderr
     assert lora_b_max(out) > 1e-4
+
+
+def test_weight_ema_follows_its_formula_restores_and_swaps_in():
+    from tunelab.train.loop import WeightEMA
+
+    p = {"w": torch.nn.Parameter(torch.zeros(3))}
+    ema = WeightEMA(p, 0.9)
+    want = torch.zeros(3)
+    for n, value in enumerate([1.0, 2.0, 4.0, 8.0], start=1):
+        with torch.no_grad():
+            p["w"].fill_(value)
+        ema.update()
+        d = min(0.9, (1 + n) / (10 + n))        # a short warm-up of the decay: 2/11, 3/12, ...
+        want = d * want + (1 - d) * value
+    assert torch.allclose(ema.avg["w"], want) and not torch.allclose(want, p["w"].detach())
+    # a checkpoint's tensors restore it; one without the average leaves it as it is
+    other = WeightEMA({"w": torch.nn.Parameter(torch.full((3,), 5.0))}, 0.9)
+    assert other.load(ema.tensors(), ema.updates) and torch.equal(other.avg["w"], want) and other.updates == 4
+    assert not other.load({"w": torch.ones(3)}, 9) and other.updates == 4
+    last = ema.swap_in()
+    assert torch.equal(last["w"], torch.full((3,), 8.0)) and torch.allclose(p["w"].detach(), want)

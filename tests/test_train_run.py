@@ -256,16 +256,19 @@ def test_full_and_pretrain_save_complete_hf_dirs(tmp_path, tiny_model_dir, chat_
     texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": r["text"]} for r in reviews(40)])
     out2 = tmp_path / "pre"
     p = run_train("--method", "pretrain", "--model", str(out / "model"), "--data", str(texts), "--out", str(out2),
-                  "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32")
+                  "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32", "--set", "train.ema_decay=0.9")
     assert p.returncode == 0, p.stderr
     import torch
     from transformers import AutoModelForCausalLM
 
-    for d in (out / "model", out2 / "model"):
+    loaded = {}
+    for d in (out / "model", out2 / "model", out2 / "model-last"):   # with ema_decay: the average + the last
         assert (d / "model.safetensors").is_file() and (d / "tokenizer.json").is_file()
-        AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+        loaded[d.name] = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).state_dict()
+    assert any(not torch.equal(v, loaded["model-last"][k]) for k, v in loaded["model"].items())
     rep = json.loads((out2 / "report.json").read_text())
     assert rep["data"]["target_share"] > 0.9 and rep["parameters"]["trainable_share"] == 1.0
+    assert rep["last_weights"] == str(out2 / "model-last") and rep["ema_decay"] == 0.9
 
 
 @pytest.mark.parametrize("content,where", [
