@@ -139,7 +139,7 @@ def test_weight_average_is_the_result_with_the_last_weights_beside_it_and_surviv
     out = tmp_path / "ema"
     args = ["--model", str(tiny_model_dir), "--prompt", str(ROOT / "examples/train/sentiment_binary_short.yaml"),
             "--data", str(items), "--out", str(out), "--batch-size", "4", "--micro-batch-size", "4", "--lr", "5e-3",
-            "--lora-r", "4", "--max-steps", "6", "--checkpoint-every", "2", "--set", "train.ema_decay=0.5",
+            "--lora-r", "4", "--max-steps", "6", "--checkpoint-every", "2", "--ema-decay", "0.5",
             "--eval-data", str(items), "--eval-limit", "8"]
     p = run_train(*args)
     assert p.returncode == 0, p.stderr

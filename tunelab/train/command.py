@@ -53,6 +53,9 @@ def train_cmd(
     prompt_loss_weight: Optional[float] = typer.Option(
         None, "--prompt-loss-weight", min=0.0,
         help="SFT: also train the prompt tokens, their mean loss weighted W x the answer's (0: answers only)."),
+    ema_decay: Optional[float] = typer.Option(
+        None, "--ema-decay",
+        help="Save a moving average of the weights (e.g. 0.998) as the result, the last weights beside it."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1,
                                                    help="Save a resumable checkpoint every N steps."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data",
@@ -92,7 +95,7 @@ def train_cmd(
         "train.micro_batch_size": micro_batch_size, "train.packing": packing, "train.seed": seed,
         "train.dtype": dtype, "train.activation_checkpointing": activation_checkpointing,
         "train.device": device, "train.threads": threads,
-        "train.prompt_loss_weight": prompt_loss_weight,
+        "train.prompt_loss_weight": prompt_loss_weight, "train.ema_decay": ema_decay,
         "lora.r": lora_r, "lora.alpha": lora_alpha,
         "lora.target_modules": ([s.strip() for s in target_modules.split(",")] if target_modules and
                                 target_modules != "all-linear" else target_modules),
