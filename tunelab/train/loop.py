@@ -489,7 +489,9 @@ class WeightEMA:
     """An exponential moving average of the trained weights (Polyak averaging), updated after every optimizer step:
     ``avg = d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` after the n-th update, so that the
     first steps do not keep the average near the initial weights for long. Kept in fp32 beside the parameters;
-    checkpointed with them (as ``ema::NAME`` tensors), so a resumed run averages exactly as an uninterrupted one."""
+    checkpointed with them (as ``ema::NAME`` tensors), so a resumed run averages exactly as an uninterrupted one.
+    Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that one deep-copies the whole module, the
+    frozen base of a LoRA run included (a second model in memory for an average of 20% of its size)."""
 
     PREFIX = "ema::"
 
