@@ -505,8 +505,7 @@ class WeightEMA:
     def update(self) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        names = list(self.avg)
-        torch._foreach_lerp_([self.avg[n] for n in names], [self.named[n].detach().float() for n in names], 1 - d)
+        torch._foreach_lerp_(list(self.avg.values()), [p.detach().float() for p in self.named.values()], 1 - d)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {self.PREFIX + n: t for n, t in self.avg.items()}
@@ -515,21 +514,25 @@ class WeightEMA:
         """Restore from a checkpoint's tensors; False (left as is) when the checkpoint has no average."""
         if not all(self.PREFIX + n in tensors for n in self.avg):
             return False
-        for n, t in self.avg.items():
-            t.copy_(tensors[self.PREFIX + n])
+        load_weights(self.avg, {n: tensors[self.PREFIX + n] for n in self.avg})
         self.updates = updates
         return True
 
     @torch.no_grad()
     def swap_in(self) -> dict[str, torch.Tensor]:
         """Put the average into the parameters; returns the last weights (CPU copies)."""
-        last = {n: p.detach().to("cpu", copy=True) for n, p in self.named.items()}
+        last = cpu_copy(self.named)
         load_weights(self.named, self.avg)
         return last
 
 
+def cpu_copy(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
+
+
 @torch.no_grad()
-def load_weights(named: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+def load_weights(named: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights[name]`` into each tensor of ``named`` (its device and dtype kept)."""
     for n, p in named.items():
         p.copy_(weights[n].to(p.device, p.dtype))
 
@@ -538,7 +541,7 @@ def load_weights(named: dict[str, torch.nn.Parameter], weights: dict[str, torch.
 def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
     """Run the body with ``weights`` (by trainable parameter name) in ``model``; the current ones come back after."""
     named = trainable_named(model)
-    keep = {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
+    keep = cpu_copy(named)
     load_weights(named, weights)
     try:
         yield model
@@ -547,11 +550,12 @@ def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
 
 
 def save_last(run: Run, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
-              name: str) -> Path | None:
-    """With ``train.ema_decay`` the run's result is the average; this saves the last weights as OUT/NAME too."""
+              artifact: Path) -> Path | None:
+    """With ``train.ema_decay`` the run's result (``artifact``: OUT/adapter, OUT/model) is the average; this saves
+    the last weights beside it (OUT/adapter-last, OUT/model-last) with the same ``save``."""
     if result.last_weights is None:
         return None
-    target = run.out / name
+    target = artifact.with_name(artifact.name + "-last")
     if run.is_main:
         with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
             save(run, model, target)

@@ -109,7 +109,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
           f"{params['trainable']:,} trainable of {params['total']:,} ({params['trainable_share']:.2%})")
     result = fit(r, model)
     artifact = save_adapter(r, model) if r.is_main else r.out / "adapter"
-    last = save_last(r, model, result, save_adapter, "adapter-last")
+    last = save_last(r, model, result, save_adapter, artifact)
     probe.measure_after(r, model)
     del model
     return report.finish(r, result, params, probe, artifact=artifact, kind="adapter", last=last)

@@ -26,7 +26,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     params = report.parameter_summary(model)
     result = fit(r, model)
     artifact = save_model(r, model) if r.is_main else r.out / "model"
-    last = save_last(r, model, result, save_model, "model-last")
+    last = save_last(r, model, result, save_model, artifact)
     probe.measure_after(r, model)
     del model
     return report.finish(r, result, params, probe, artifact=artifact, kind="model", last=last)
