@@ -377,15 +377,10 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     if ev and "variants" in ev:
         for v, c in ev["variants"].items():
             if c.get("n"):
-                lo, hi = c["diff_ci"]
-                run.log(f"eval {v}: {c['before']:.1%} -> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI "
-                        f"[{lo * 100:+.1f}, {hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g}, n={c['n']})")
+                run.log(f"eval {v}: {_paired_text(c, with_n=True)}")
         for v, c in ev.get("ema", {}).items():
             if c.get("n"):
-                lo, hi = c["diff_ci"]
-                run.log(f"eval {v}, weight average (ema_decay {t.ema_decay:g}) vs last weights: {c['before']:.1%} "
-                        f"-> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI [{lo * 100:+.1f}, "
-                        f"{hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g})")
+                run.log(f"eval {v}, weight average (ema_decay {t.ema_decay:g}) vs last weights: {_paired_text(c)}")
     run.log(f"report: {run.out / 'report.html'}")
     return rep
 
@@ -413,6 +408,13 @@ def _mfu_text(m: dict[str, Any]) -> str:
 
 def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
+
+
+def _paired_text(c: dict[str, Any], with_n: bool = False) -> str:
+    """``a -> b (+d points, 95% CI [lo, hi], McNemar p=P[, n=N])`` of a paired_comparison."""
+    lo, hi = c["diff_ci"]
+    return (f"{c['before']:.1%} -> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI [{lo * 100:+.1f}, "
+            f"{hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g}" + (f", n={c['n']})" if with_n else ")"))
 
 
 def _paired_table(variants: dict[str, dict[str, Any]], before: str, after: str) -> str:
