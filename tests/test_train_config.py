@@ -57,6 +57,7 @@ def test_flags_override_fields_and_paths_resolve(tmp_path, monkeypatch):
     ("data: {path: d.jsonl, mix: [{path: e.jsonl, format: prompt}]}\n", "data.mix.0: format 'prompt' needs prompt"),
     ("data: {path: d.jsonl, mix: [{path: e.jsonl, colour: red}]}\n", "data.mix.0.colour: unknown field"),
     ("data: {path: d.jsonl}\neval: {data: dev.jsonl}\n", "eval.data scores held-out items"),
+    ("data: {path: d.jsonl}\ntrain: {ema_decay: 1.5}\n", "train.ema_decay: Input should be less than 1"),
     ("method: lora\n", "data: required field is missing"),
     ("data: [1, 2\n", "invalid YAML"),
 ])

@@ -292,6 +292,9 @@ def test_bad_config_exits_2_with_field(tmp_path, tiny_model_dir, chat_file):
     assert p.returncode == 2 and "t.yaml" in p.stderr and "lora.rank: unknown field" in p.stderr
     p = run_train(*common(tiny_model_dir, chat_file, tmp_path / "o"), "--batch-size", "100")
     assert p.returncode == 2 and "fewer than train.batch_size" in p.stderr
+    p = run_train(*common(tiny_model_dir, chat_file, tmp_path / "o"), "--ema-decay", "1.5")
+    assert p.returncode == 2 and "train.ema_decay: Input should be less than 1" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
 @pytest.mark.model
