@@ -42,6 +42,9 @@ REVIEW_TEXTS = {"train": None, "dev": None, "prompt": None}
 # PromptSpec (10,000 conversations; 3,713 reviews appear under both prompts, 287 negatives and ~2,000 neutral
 # reviews only under the three-class one); scored on the binary dev set with the binary prompt
 MIX = {**BINARY, "mix": [THREE]}
+# the 287 negatives of the three-class train split that the binary split lacks (ratings 1-3; same training
+# movies, none in dev), mixed into the binary task under its own prompt: 4,287 binary training reviews
+BINARY_X287 = {**BINARY, "mix": [{"train": DATA / "nsmc_binary_extra_287.jsonl", "prompt": BINARY["prompt"]}]}
 DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
         "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 
@@ -119,6 +122,9 @@ RECIPES = {
     # weights of the same run
     "lora_emb_pl0.1_lr5e-4_e2_b8_ema": emb_pl(BINARY, ema=0.998),
     "lora_emb_pl0.1_lr3e-4_e2_b8_ema": emb_pl(BINARY, lr=3e-4, ema=0.998),
+    # every binary-labelled training review there is (4,000 + 287 negatives), with the average, two seeds
+    "x287_lora_emb_pl0.1_lr5e-4_e2_b8_ema": emb_pl(BINARY_X287, ema=0.998),
+    "x287_lora_emb_pl0.1_lr5e-4_e2_b8_ema_s1": emb_pl(BINARY_X287, ema=0.998, seed=1),
     # continued pre-training on the review texts, then the default recipe over that model
     "cpt_lr5e-5_e1": recipe(REVIEW_TEXTS, "pretrain", lr=5e-5, epochs=1, batch=16, wd=0.01, max_len=256),
     "cpt_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, base="cpt_lr5e-5_e1"),
