@@ -3,6 +3,8 @@ HF model directory (safetensors + tokenizer + chat template + the PromptSpec use
 
     load base -> forgetting probe (before) -> fit -> OUT/model -> probe, eval, report
 
+Continued pre-training (tunelab.train.pretrain) is this same recipe over raw-text data.
+
 Run: ``tunelab train --method full --prompt SPEC.yaml --data FILE.jsonl --out DIR``.
 """
 
@@ -36,7 +38,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     probe = report.ForgettingProbe.create(r)
     probe.measure_before(r, model)
     params = report.parameter_summary(model)
-    r.log(f"full fine-tuning: {params['trainable']:,} trainable parameters")
+    what = "continued pre-training" if cfg.method == "pretrain" else "full fine-tuning"
+    r.log(f"{what}: {params['trainable']:,} trainable parameters")
     result = fit(r, model)
     artifact = save_model(r, model) if r.is_main else r.out / "model"
     last = save_last(r, model, result, save_model, artifact)

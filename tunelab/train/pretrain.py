@@ -9,24 +9,8 @@ folder of .txt files).
 
 from __future__ import annotations
 
-from tunelab.train import report
-from tunelab.train.config import TrainConfig
-from tunelab.train.full import save_model
-from tunelab.train.loop import fit, load_base_model, save_last, start_run
+# the full fine-tuning recipe: start_run reads raw text into blocks for method "pretrain" and every token is a
+# target there; loading, fitting, saving and the report are the same
+from tunelab.train.full import run
 
-
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
-    r = start_run(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
-    report.show_preview(r)
-    if dry_run:
-        return report.dry_run_summary(r)
-    model = load_base_model(r)
-    probe = report.ForgettingProbe.create(r)
-    probe.measure_before(r, model)
-    params = report.parameter_summary(model)
-    result = fit(r, model)
-    artifact = save_model(r, model) if r.is_main else r.out / "model"
-    last = save_last(r, model, result, save_model, artifact)
-    probe.measure_after(r, model)
-    del model
-    return report.finish(r, result, params, probe, artifact=artifact, kind="model", last=last)
+__all__ = ["run"]
