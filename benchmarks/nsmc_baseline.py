@@ -84,7 +84,7 @@ def against(dev: list[dict], p_pos: np.ndarray, results: Path, model: str) -> di
     mc = mcnemar_exact(lm_ok, base_ok)
     return {"results": str(results), "model_accuracy": round(lm_ok.mean() * 100, 2),
             "baseline_accuracy": round(base_ok.mean() * 100, 2),
-            "diff": round(diff.diff * 100, 2), "diff_ci": [round(diff.ci[0] * 100, 2), round(diff.ci[1] * 100, 2)],
+            "diff": round(diff.value * 100, 2), "diff_ci": [round(diff.low * 100, 2), round(diff.high * 100, 2)],
             "mcnemar_p": round(mc.p_value, 4), "only_model": int((lm_ok & ~base_ok).sum()),
             "only_baseline": int((base_ok & ~lm_ok).sum()), "both_wrong": int((~lm_ok & ~base_ok).sum()),
             "averaged_accuracy": round(avg_ok.mean() * 100, 2)}
