@@ -1,7 +1,7 @@
-"""How far does a model with no language knowledge get on NSMC binary? The yardstick for the training recipes.
+"""How far does a model with no language knowledge get on NSMC (binary or three-class)? The yardstick for the training recipes.
 
 A character n-gram TF-IDF + logistic regression (scikit-learn, the `bench` extra) learns from the same
-training reviews as benchmarks/nsmc_recipes.py and is scored on the same 600 held-out reviews (movies in no
+training reviews as benchmarks/nsmc_recipes.py and is scored on the same held-out reviews (movies in no
 training split). Its settings (n-gram range, C) are chosen by cross-validation over training movies
 (GroupKFold on movie_id, as the held-out split is by movie), never on the held-out reviews. It also prints a
 learning curve (the same settings on random subsets of the training reviews).
@@ -11,6 +11,8 @@ reviews: the difference with its bootstrap interval, McNemar's exact p, the revi
 and the accuracy of the two models' averaged probabilities (do they fail on different reviews?).
 
     python benchmarks/nsmc_baseline.py
+    python benchmarks/nsmc_baseline.py --train examples/data/nsmc_three_train_6000.jsonl \\
+        --dev examples/data/nsmc_three_dev_900.jsonl        # three classes
     python benchmarks/nsmc_baseline.py --extra examples/data/nsmc_binary_extra_287.jsonl \\
         --against runs/recipes/lora_emb_pl0.1_lr5e-4_e2_b8/eval/results.jsonl
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def choose(train: list[dict], folds: int) -> tuple[dict, list[dict]]:
     return {"ngram_range": best["ngram_range"], "C": best["C"]}, table
 
 
-def against(dev: list[dict], p_pos: np.ndarray, results: Path, model: str) -> dict:
+def against(dev: list[dict], classes: list[str], probs: np.ndarray, results: Path, model: str) -> dict:
     """Pair the baseline with a trained model's eval rows (tunelab eval results: item_id, correct, scores)."""
     from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
 
@@ -73,13 +74,14 @@ def against(dev: list[dict], p_pos: np.ndarray, results: Path, model: str) -> di
     missing = [i for i in ids if i not in rows]
     if missing:
         sys.exit(f"error: {results}: {len(missing)} of the {len(ids)} held-out reviews have no row (first: {missing[0]})")
-    gold = np.array([r["label"] == "Positive" for r in dev])
+    gold = np.array([classes.index(r["label"]) for r in dev])
     lm_ok = np.array([bool(rows[i]["correct"]) for i in ids])
-    base_ok = (p_pos > 0.5) == gold
-    # the trained model's label log-likelihoods -> P(Positive) over the two labels
-    lm_pos = np.array([1.0 / (1.0 + math.exp(rows[i]["scores"]["Negative"] - rows[i]["scores"]["Positive"]))
-                       for i in ids])
-    avg_ok = ((lm_pos + p_pos) / 2 > 0.5) == gold
+    base_ok = probs.argmax(1) == gold
+    # the trained model's label log-likelihoods -> probabilities over the labels (a softmax)
+    lm = np.array([[rows[i]["scores"][c] for c in classes] for i in ids])
+    lm = np.exp(lm - lm.max(1, keepdims=True))
+    lm /= lm.sum(1, keepdims=True)
+    avg_ok = ((lm + probs) / 2).argmax(1) == gold
     diff = paired_bootstrap_diff(lm_ok.astype(float), base_ok.astype(float), seed=0)
     mc = mcnemar_exact(lm_ok, base_ok)
     return {"results": str(results), "model_accuracy": round(lm_ok.mean() * 100, 2),
@@ -113,15 +115,20 @@ def main() -> None:
     best, table = choose(train, args.folds)
     for row in sorted(table, key=lambda r: -r["cv_accuracy"]):
         print(f"  cv over training movies: ngram {tuple(row['ngram_range'])} C {row['C']:<4}  {row['cv_accuracy']:.2f}%")
-    gold = np.array([r["label"] == "Positive" for r in dev])
+    classes = sorted({r["label"] for r in train})
+    unknown = sorted({r["label"] for r in dev} - set(classes))
+    if unknown:
+        sys.exit(f"error: {args.dev}: labels {unknown} are in no training review")
+    gold = np.array([classes.index(r["label"]) for r in dev])
 
     def fit_score(items: list[dict]) -> tuple[float, np.ndarray]:
+        """Accuracy on the held-out reviews and their probabilities, columns in ``classes`` order."""
         m = make_model(tuple(best["ngram_range"]), best["C"]).fit([r["text"] for r in items],
                                                                    [r["label"] for r in items])
-        p = m.predict_proba([r["text"] for r in dev])[:, list(m.classes_).index("Positive")]
-        return float(((p > 0.5) == gold).mean()), p
+        p = m.predict_proba([r["text"] for r in dev])[:, [list(m.classes_).index(c) for c in classes]]
+        return float((p.argmax(1) == gold).mean()), p
 
-    acc, p_pos = fit_score(train)
+    acc, probs = fit_score(train)
     lo, hi = wilson_interval(int(round(acc * len(dev))), len(dev))
     print(f"baseline (char n-gram {tuple(best['ngram_range'])} TF-IDF + logistic regression, C {best['C']}), "
           f"{len(train)} training reviews -> {acc * 100:.1f}% [{lo * 100:.1f}, {hi * 100:.1f}] on {len(dev)} held-out")
@@ -134,7 +141,7 @@ def main() -> None:
     curve.append({"train": len(train), "accuracy": round(acc * 100, 2)})
     pairs = []
     for path in args.against:
-        c = against(dev, p_pos, path, args.model)
+        c = against(dev, classes, probs, path, args.model)
         pairs.append(c)
         print(f"{path}: model {c['model_accuracy']:.1f}% vs baseline {c['baseline_accuracy']:.1f}%: "
               f"{c['diff']:+.1f} [{c['diff_ci'][0]:+.1f}, {c['diff_ci'][1]:+.1f}], McNemar p = {c['mcnemar_p']:.3g} "
