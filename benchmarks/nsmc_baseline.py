@@ -35,8 +35,26 @@ DATA = ROOT / "examples" / "data"
 GRID = {"ngram_range": [(1, 3), (2, 4), (1, 4)], "C": [0.3, 1.0, 3.0]}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit 2 (as every tunelab command)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def read_jsonl(path: Path, need: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a JSONL file; a row without a field of ``need`` exits with one line naming file:line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"error: {path}:{n}: expected one JSON object per line ({e.msg})")
+            missing = [f for f in need if f not in row]
+            if missing:
+                fail(f"error: {path}:{n}: expected the fields {', '.join(need)}; missing {', '.join(missing)}")
+            rows.append(row)
+    return rows
 
 
 def make_model(ngram_range: tuple[int, int], C: float):
@@ -51,11 +69,16 @@ def make_model(ngram_range: tuple[int, int], C: float):
 def choose(train: list[dict], folds: int) -> tuple[dict, list[dict]]:
     """The grid point with the best mean accuracy over GroupKFold(movie_id) folds of the training reviews
     (the pipeline refits TF-IDF in every fold: no fold sees another's text)."""
-    from sklearn.model_selection import GridSearchCV, GroupKFold
+    from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedKFold
 
     grid = {"tfidfvectorizer__ngram_range": GRID["ngram_range"], "logisticregression__C": GRID["C"]}
-    search = GridSearchCV(make_model((2, 4), 1.0), grid, cv=GroupKFold(n_splits=folds), scoring="accuracy")
-    search.fit([r["text"] for r in train], [r["label"] for r in train], groups=[r["movie_id"] for r in train])
+    by_movie = all("movie_id" in r for r in train)
+    if not by_movie:
+        print("  (no movie_id on every training row: folds are stratified by label instead of split by movie)")
+    cv = GroupKFold(n_splits=folds) if by_movie else StratifiedKFold(n_splits=folds, shuffle=True, random_state=0)
+    search = GridSearchCV(make_model((2, 4), 1.0), grid, cv=cv, scoring="accuracy")
+    search.fit([r["text"] for r in train], [r["label"] for r in train],
+               groups=[r["movie_id"] for r in train] if by_movie else None)
     table = [{"ngram_range": list(p["tfidfvectorizer__ngram_range"]), "C": p["logisticregression__C"],
               "cv_accuracy": round(float(s) * 100, 2)}
              for p, s in zip(search.cv_results_["params"], search.cv_results_["mean_test_score"])]
@@ -69,11 +92,15 @@ def against(dev: list[dict], classes: list[str], probs: np.ndarray, results: Pat
 
     rows = {str(r["item_id"]): r for r in read_jsonl(results) if r.get("model") == model}
     if not rows:
-        sys.exit(f"error: {results}: no rows of model {model!r} (the trained model is 'after')")
+        fail(f"error: {results}: no rows of model {model!r} (the trained model is 'after')")
     ids = [str(r["id"]) for r in dev]
     missing = [i for i in ids if i not in rows]
     if missing:
-        sys.exit(f"error: {results}: {len(missing)} of the {len(ids)} held-out reviews have no row (first: {missing[0]})")
+        fail(f"error: {results}: {len(missing)} of the {len(ids)} held-out reviews have no row (first: {missing[0]})")
+    first = rows[ids[0]].get("scores") or {}
+    if sorted(first) != classes:
+        fail(f"error: {results}: label scores {sorted(first)} are not the training labels {classes} "
+                 "(scored with another prompt, or generated instead of label-scored)")
     gold = np.array([classes.index(r["label"]) for r in dev])
     lm_ok = np.array([bool(rows[i]["correct"]) for i in ids])
     base_ok = probs.argmax(1) == gold
@@ -106,19 +133,22 @@ def main() -> None:
     try:
         import sklearn  # noqa: F401
     except ImportError:
-        sys.exit("error: scikit-learn is needed: pip install -e '.[bench]'")
+        fail("error: scikit-learn is needed: pip install -e '.[bench]'")
     from tunelab.evaluate.stats import wilson_interval
 
+    for path in [args.train, *args.extra, args.dev, *args.against]:
+        if not path.is_file():
+            fail(f"error: {path}: no such file")
     t0 = time.perf_counter()
-    train = read_jsonl(args.train) + [r for p in args.extra for r in read_jsonl(p)]
-    dev = read_jsonl(args.dev)
+    train = read_jsonl(args.train, ("text", "label")) + [r for p in args.extra for r in read_jsonl(p, ("text", "label"))]
+    dev = read_jsonl(args.dev, ("id", "text", "label"))
     best, table = choose(train, args.folds)
     for row in sorted(table, key=lambda r: -r["cv_accuracy"]):
         print(f"  cv over training movies: ngram {tuple(row['ngram_range'])} C {row['C']:<4}  {row['cv_accuracy']:.2f}%")
     classes = sorted({r["label"] for r in train})
     unknown = sorted({r["label"] for r in dev} - set(classes))
     if unknown:
-        sys.exit(f"error: {args.dev}: labels {unknown} are in no training review")
+        fail(f"error: {args.dev}: labels {unknown} are in no training review")
     gold = np.array([classes.index(r["label"]) for r in dev])
 
     def fit_score(items: list[dict]) -> tuple[float, np.ndarray]:
