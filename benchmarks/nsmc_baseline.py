@@ -41,19 +41,17 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def read_jsonl(path: Path, need: tuple[str, ...] = ()) -> list[dict]:
-    """Rows of a JSONL file; a row without a field of ``need`` exits with one line naming file:line."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"error: {path}:{n}: expected one JSON object per line ({e.msg})")
-            missing = [f for f in need if f not in row]
-            if missing:
-                fail(f"error: {path}:{n}: expected the fields {', '.join(need)}; missing {', '.join(missing)}")
-            rows.append(row)
+def read_items(path: Path, need: tuple[str, ...] = ()) -> list[dict]:
+    """tunelab's JSONL reader (file:line errors) plus the fields every row needs."""
+    from tunelab.data.io import read_jsonl, record_location
+    from tunelab.errors import DataError
+
+    rows = read_jsonl(path)
+    for row in rows:
+        missing = [f for f in need if f not in row]
+        if missing:
+            raise DataError(f"expected the fields {', '.join(need)}; missing {', '.join(missing)}",
+                            where=record_location(row, path))
     return rows
 
 
@@ -86,11 +84,13 @@ def choose(train: list[dict], folds: int) -> tuple[dict, list[dict]]:
     return {"ngram_range": best["ngram_range"], "C": best["C"]}, table
 
 
-def against(dev: list[dict], classes: list[str], probs: np.ndarray, results: Path, model: str) -> dict:
-    """Pair the baseline with a trained model's eval rows (tunelab eval results: item_id, correct, scores)."""
+def against(dev: list[dict], classes: list[str], gold: np.ndarray, probs: np.ndarray, results: Path,
+            evaluated: list[dict], model: str) -> dict:
+    """Pair the baseline with a trained model's eval rows (``evaluated``, tunelab eval's results.jsonl of
+    ``results``: item_id, correct, scores)."""
     from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
 
-    rows = {str(r["item_id"]): r for r in read_jsonl(results) if r.get("model") == model}
+    rows = {str(r["item_id"]): r for r in evaluated if r.get("model") == model}
     if not rows:
         fail(f"error: {results}: no rows of model {model!r} (the trained model is 'after')")
     ids = [str(r["id"]) for r in dev]
@@ -101,7 +101,6 @@ def against(dev: list[dict], classes: list[str], probs: np.ndarray, results: Pat
     if sorted(first) != classes:
         fail(f"error: {results}: label scores {sorted(first)} are not the training labels {classes} "
                  "(scored with another prompt, or generated instead of label-scored)")
-    gold = np.array([classes.index(r["label"]) for r in dev])
     lm_ok = np.array([bool(rows[i]["correct"]) for i in ids])
     base_ok = probs.argmax(1) == gold
     # the trained model's label log-likelihoods -> probabilities over the labels (a softmax)
@@ -134,14 +133,16 @@ def main() -> None:
         import sklearn  # noqa: F401
     except ImportError:
         fail("error: scikit-learn is needed: pip install -e '.[bench]'")
+    from tunelab.errors import TunelabError
     from tunelab.evaluate.stats import wilson_interval
 
-    for path in [args.train, *args.extra, args.dev, *args.against]:
-        if not path.is_file():
-            fail(f"error: {path}: no such file")
     t0 = time.perf_counter()
-    train = read_jsonl(args.train, ("text", "label")) + [r for p in args.extra for r in read_jsonl(p, ("text", "label"))]
-    dev = read_jsonl(args.dev, ("id", "text", "label"))
+    try:  # every file read (and checked) before any fitting
+        train = [r for p in [args.train, *args.extra] for r in read_items(p, ("text", "label"))]
+        dev = read_items(args.dev, ("id", "text", "label"))
+        evaluated = [read_items(p) for p in args.against]
+    except TunelabError as e:
+        fail(f"error: {e}")
     best, table = choose(train, args.folds)
     for row in sorted(table, key=lambda r: -r["cv_accuracy"]):
         print(f"  cv over training movies: ngram {tuple(row['ngram_range'])} C {row['C']:<4}  {row['cv_accuracy']:.2f}%")
@@ -170,8 +171,8 @@ def main() -> None:
         print(f"  learning curve: {n:>5} training reviews -> {a * 100:.1f}%")
     curve.append({"train": len(train), "accuracy": round(acc * 100, 2)})
     pairs = []
-    for path in args.against:
-        c = against(dev, classes, probs, path, args.model)
+    for path, rows in zip(args.against, evaluated):
+        c = against(dev, classes, gold, probs, path, rows, args.model)
         pairs.append(c)
         print(f"{path}: model {c['model_accuracy']:.1f}% vs baseline {c['baseline_accuracy']:.1f}%: "
               f"{c['diff']:+.1f} [{c['diff_ci'][0]:+.1f}, {c['diff_ci'][1]:+.1f}], McNemar p = {c['mcnemar_p']:.3g} "

@@ -57,19 +57,20 @@ def test_fits_scores_and_pairs_with_a_trained_models_rows(tmp_path):
 
 
 @pytest.mark.parametrize("content, where", [
-    ('{"text": "좋다"}\n', "train.jsonl:1: expected the fields text, label; missing label"),
-    ('{"text": "좋다", "label": "Positive"}\nnot json\n', "train.jsonl:2: expected one JSON object per line"),
+    ('{"text": "좋다"}\n', ["train.jsonl:1: expected the fields text, label; missing label"]),
+    ('{"text": "좋다", "label": "Positive"}\nnot json\n',
+     ["train.jsonl:2: malformed JSON", "expected one JSON object per line"]),
 ])
 def test_bad_training_file_exits_2_with_one_line(tmp_path, content, where):
     (tmp_path / "train.jsonl").write_text(content, encoding="utf-8")
     p = run("--train", str(tmp_path / "train.jsonl"))
     assert p.returncode == 2
-    assert where in p.stderr and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert all(w in p.stderr for w in where) and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 
 def test_a_missing_results_file_exits_2_before_any_fitting(tmp_path):
     p = run("--against", str(tmp_path / "missing.jsonl"))
-    assert p.returncode == 2 and "missing.jsonl: no such file" in p.stderr and not p.stdout
+    assert p.returncode == 2 and "no such file: " in p.stderr and "missing.jsonl" in p.stderr and not p.stdout
 
 
 def test_results_scored_over_other_labels_exit_2(tmp_path):
