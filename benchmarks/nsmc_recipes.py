@@ -45,6 +45,9 @@ MIX = {**BINARY, "mix": [THREE]}
 # the 287 negatives of the three-class train split that the binary split lacks (ratings 1-3; same training
 # movies, none in dev), mixed into the binary task under its own prompt: 4,287 binary training reviews
 BINARY_X287 = {**BINARY, "mix": [{"train": DATA / "nsmc_binary_extra_287.jsonl", "prompt": BINARY["prompt"]}]}
+# the same reviews with the Korean written in Latin letters (the prompt's `{{ text | romanize }}`): 0.47x the tokens,
+# 74.0% against the byte tokens' 78-80% (docs/train.md)
+BINARY_ROMAN = {**BINARY, "prompt": PROMPTS / "sentiment_binary_roman.yaml"}
 DEMO = {"train": DATA / "nsmc_binary_train_512.jsonl", "dev": DATA / "nsmc_binary_dev_200.jsonl",
         "prompt": PROMPTS / "sentiment_binary_short.yaml"}
 
@@ -125,6 +128,7 @@ RECIPES = {
     # every binary-labelled training review there is (4,000 + 287 negatives), with the average, two seeds
     "x287_lora_emb_pl0.1_lr5e-4_e2_b8_ema": emb_pl(BINARY_X287, ema=0.998),
     "x287_lora_emb_pl0.1_lr5e-4_e2_b8_ema_s1": emb_pl(BINARY_X287, ema=0.998, seed=1),
+    "roman_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY_ROMAN),
     # the input embeddings (where a byte token's own cue can live) at 0.3x the LoRA lr instead of 0.1x: the LoRA
     # model misses reviews a character n-gram model gets from single words (benchmarks/nsmc_baseline.py)
     "lora_emb0.3_pl0.1_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"], prompt_w=0.1,
@@ -268,7 +272,8 @@ def main() -> None:
                              "".join(f" {g['match']}x{g.get('lr_scale', 1):g}" for g in v["groups"])])
             extra += "".join(f" +{Path(m['train']).name}" for m in v["task"].get("mix", []))
             print(f"{k:30s} {v['method']:5s} lr={v['lr']:g} epochs={v['epochs']} r={v['r']} batch={v['batch']} "
-                  f"data={Path(v['task']['train'] or 'review_texts.jsonl').name}{extra}")
+                  f"data={Path(v['task']['train'] or 'review_texts.jsonl').name}{extra}"
+                  f"{' prompt=' + Path(v['task']['prompt']).name if v['task']['prompt'] else ''}")
         return
     names = list(RECIPES) if args.all else args.recipes
     unknown = [n for n in names if n not in RECIPES]

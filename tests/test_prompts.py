@@ -145,6 +145,25 @@ def test_missing_template_field_names_it():
         s.render({"text": "x", "label": "y", "_line": 3})
 
 
+def test_romanize_filter_writes_hangul_in_latin_letters():
+    s = spec(input_template="{{ text | romanize }}", examples=[{"input": {"text": "재미없다 ㅠㅠ"}, "output": "o1"},
+                                                               {"input": "재미 (as written)", "output": "o2"}])
+    msgs = s.render({"text": "괜히 머리 밀고, 망작... ㅋㅋㅋ 10점 OK"})
+    assert msgs[0]["content"] == "jaemieobsda yuyu"  # a dict example goes through the same template
+    assert msgs[2]["content"] == "재미 (as written)"  # a string example is the rendered input itself
+    assert msgs[-1]["content"].endswith("gwaenhi meori milgo, mangjag... kkk 10jeom OK")
+    from tunelab.prompts.filters import romanize
+    assert romanize("맛 없 닭 읽 쌍 꽃 뷁") == "mas eobs dalg ilg ssang kkoch bwelg"  # finals as written
+    every = "".join(chr(c) for c in range(0xAC00, 0xD7A4)) + "".join(chr(c) for c in range(0x3131, 0x3164))
+    out = romanize(every)
+    assert out.isascii() and out.isalpha() and len(out) > 2 * len(every)
+
+
+def test_unknown_template_filter_is_a_spec_error():
+    with pytest.raises(ValueError, match="invalid Jinja2 template: No filter named 'romanise'"):
+        spec(input_template="{{ text | romanise }}")
+
+
 def test_template_sandbox_blocks_unsafe_attributes():
     s = spec(input_template="{{ text.__class__.__mro__ }}")
     with pytest.raises(TunelabError):

@@ -17,6 +17,7 @@ from jinja2 import StrictUndefined, Template, TemplateError, UndefinedError
 from jinja2.sandbox import SandboxedEnvironment
 
 from tunelab.errors import DataError
+from tunelab.prompts.filters import FILTERS
 
 
 class Message(TypedDict):
@@ -28,6 +29,7 @@ class Message(TypedDict):
 # input templates
 # --------------------------------------------------------------------------------------------------
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+_ENV.filters.update(FILTERS)  # {{ text | romanize }}
 
 
 @functools.lru_cache(maxsize=256)
