@@ -5,8 +5,8 @@ adapter carries its spec, so the model is always shown the same form of the text
 
 ``romanize`` writes Hangul in Latin letters, one fixed spelling per jamo: the initial consonants and vowels of the
 Revised Romanization of Korean (괜히 -> gwaenhi, 재미 -> jaemi), final consonants spelled like initials (맛 -> mas,
-없다 -> eobsda: the written letters, not the pronunciation, so that different words stay different), and the lone
-jamo of internet writing (ㅋㅋ -> kk, ㅠㅠ -> yuyu) with their letters. Everything else is kept as it is.
+없다 -> eobsda: the written letters, not the pronunciation; not reversible, 간가 and 강아 both give ganga), and the
+lone jamo of internet writing (ㅋㅋ -> kk, ㅠㅠ -> yuyu) with their letters. Everything else is kept as it is.
 Why: byte-level BPE vocabularies trained on English text (SmolLM2's, GPT-2's) have almost no Hangul merges, so
 every syllable costs three byte tokens that split its jamo arbitrarily; the same text in Latin letters takes under
 half the tokens (NSMC reviews: 0.47x) in subwords the model has embeddings for. It is not a better input for
