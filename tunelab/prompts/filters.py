@@ -16,6 +16,7 @@ bytes (docs/train.md, "The reviews in Latin letters"), so use it where tokens ar
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 # Revised Romanization letters; "" for the silent initial ㅇ
@@ -30,18 +31,21 @@ _LONE_CONSONANTS = ["g", "kk", "gs", "n", "nj", "nh", "d", "tt", "r", "lg", "lm"
                     "b", "pp", "bs", "s", "ss", "ng", "j", "jj", "ch", "k", "t", "p", "h"]
 
 _SYLLABLES = 0xAC00  # 가; 11,172 syllables = 19 initials x 21 vowels x 28 finals
-_TABLE: dict[int, str] = {}
-for _i in range(19 * 21 * 28):
-    _TABLE[_SYLLABLES + _i] = _INITIALS[_i // 588] + _VOWELS[(_i % 588) // 28] + _FINALS[_i % 28]
-for _i, _s in enumerate(_LONE_CONSONANTS):
-    _TABLE[0x3131 + _i] = _s
-for _i, _s in enumerate(_VOWELS):
-    _TABLE[0x314F + _i] = _s
+
+
+@functools.cache
+def _table() -> dict[int, str]:
+    """str.translate's table, built on first use (not at import: every tunelab command imports the prompts)."""
+    table = {_SYLLABLES + i: _INITIALS[i // 588] + _VOWELS[(i % 588) // 28] + _FINALS[i % 28]
+             for i in range(19 * 21 * 28)}
+    table.update({0x3131 + i: s for i, s in enumerate(_LONE_CONSONANTS)})
+    table.update({0x314F + i: s for i, s in enumerate(_VOWELS)})
+    return table
 
 
 def romanize(text: object) -> str:
     """Hangul syllables and lone jamo to Latin letters (see the module docstring); other characters unchanged."""
-    return str(text).translate(_TABLE)
+    return str(text).translate(_table())
 
 
 FILTERS: dict[str, Callable[..., str]] = {"romanize": romanize}
