@@ -66,10 +66,11 @@ def recipe(task: dict, method: str = "lora", *, lr: float, epochs: float, r: int
             "seed": seed, "dropout": dropout, "ema": ema}
 
 
-def emb_pl(task: dict, *, lr: float = 5e-4, epochs: float = 2, batch: int = 8, prompt_w: float = 0.1, **kw) -> dict:
+def emb_pl(task: dict, *, lr: float = 5e-4, epochs: float = 2, batch: int = 8, prompt_w: float = 0.1,
+           emb_lr_scale: float = 0.1, **kw) -> dict:
     """The binary default's family: LoRA r16 all-linear + embed_tokens at 0.1x lr + prompt language modelling."""
     return recipe(task, lr=lr, epochs=epochs, batch=batch, save=["embed_tokens"], prompt_w=prompt_w,
-                  groups=[{"match": "embed_tokens", "lr_scale": 0.1}], **kw)
+                  groups=[{"match": "embed_tokens", "lr_scale": emb_lr_scale}], **kw)
 
 
 RECIPES = {
@@ -131,8 +132,7 @@ RECIPES = {
     "roman_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY_ROMAN),
     # the input embeddings (where a byte token's own cue can live) at 0.3x the LoRA lr instead of 0.1x: the LoRA
     # model misses reviews a character n-gram model gets from single words (benchmarks/nsmc_baseline.py)
-    "lora_emb0.3_pl0.1_lr5e-4_e2_b8": recipe(BINARY, lr=5e-4, epochs=2, batch=8, save=["embed_tokens"], prompt_w=0.1,
-                                             groups=[{"match": "embed_tokens", "lr_scale": 0.3}]),
+    "lora_emb0.3_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, emb_lr_scale=0.3),
     # continued pre-training on the review texts, then the default recipe over that model
     "cpt_lr5e-5_e1": recipe(REVIEW_TEXTS, "pretrain", lr=5e-5, epochs=1, batch=16, wd=0.01, max_len=256),
     "cpt_lora_emb_pl0.1_lr5e-4_e2_b8": emb_pl(BINARY, base="cpt_lr5e-5_e1"),
