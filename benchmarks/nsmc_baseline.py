@@ -84,12 +84,10 @@ def choose(train: list[dict], folds: int) -> tuple[dict, list[dict]]:
     return {"ngram_range": best["ngram_range"], "C": best["C"]}, table
 
 
-def against(dev: list[dict], classes: list[str], gold: np.ndarray, probs: np.ndarray, results: Path,
-            evaluated: list[dict], model: str) -> dict:
-    """Pair the baseline with a trained model's eval rows (``evaluated``, tunelab eval's results.jsonl of
-    ``results``: item_id, correct, scores)."""
-    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
-
+def model_rows(dev: list[dict], classes: list[str], results: Path, evaluated: list[dict], model: str) -> list[dict]:
+    """A trained model's eval rows (``evaluated``, tunelab eval's results.jsonl of ``results``: item_id,
+    correct, scores) in the order of the held-out reviews; exits 2 unless every review has one, label-scored
+    over ``classes``. Called before any fitting."""
     rows = {str(r["item_id"]): r for r in evaluated if r.get("model") == model}
     if not rows:
         fail(f"error: {results}: no rows of model {model!r} (the trained model is 'after')")
@@ -101,10 +99,17 @@ def against(dev: list[dict], classes: list[str], gold: np.ndarray, probs: np.nda
     if sorted(first) != classes:
         fail(f"error: {results}: label scores {sorted(first)} are not the training labels {classes} "
                  "(scored with another prompt, or generated instead of label-scored)")
-    lm_ok = np.array([bool(rows[i]["correct"]) for i in ids])
+    return [rows[i] for i in ids]
+
+
+def against(classes: list[str], gold: np.ndarray, probs: np.ndarray, results: Path, rows: list[dict]) -> dict:
+    """Pair the baseline with a trained model's rows (from ``model_rows``, in held-out order)."""
+    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
+
+    lm_ok = np.array([bool(r["correct"]) for r in rows])
     base_ok = probs.argmax(1) == gold
     # the trained model's label log-likelihoods -> probabilities over the labels (a softmax)
-    lm = np.array([[rows[i]["scores"][c] for c in classes] for i in ids])
+    lm = np.array([[r["scores"][c] for c in classes] for r in rows])
     lm = np.exp(lm - lm.max(1, keepdims=True))
     lm /= lm.sum(1, keepdims=True)
     avg_ok = ((lm + probs) / 2).argmax(1) == gold
@@ -143,14 +148,15 @@ def main() -> None:
         evaluated = [read_items(p) for p in args.against]
     except TunelabError as e:
         fail(f"error: {e}")
-    best, table = choose(train, args.folds)
-    for row in sorted(table, key=lambda r: -r["cv_accuracy"]):
-        print(f"  cv over training movies: ngram {tuple(row['ngram_range'])} C {row['C']:<4}  {row['cv_accuracy']:.2f}%")
     classes = sorted({r["label"] for r in train})
     unknown = sorted({r["label"] for r in dev} - set(classes))
     if unknown:
         fail(f"error: {args.dev}: labels {unknown} are in no training review")
     gold = np.array([classes.index(r["label"]) for r in dev])
+    paired = [model_rows(dev, classes, p, rows, args.model) for p, rows in zip(args.against, evaluated)]
+    best, table = choose(train, args.folds)
+    for row in sorted(table, key=lambda r: -r["cv_accuracy"]):
+        print(f"  cv over training movies: ngram {tuple(row['ngram_range'])} C {row['C']:<4}  {row['cv_accuracy']:.2f}%")
 
     def fit_score(items: list[dict]) -> tuple[float, np.ndarray]:
         """Accuracy on the held-out reviews and their probabilities, columns in ``classes`` order."""
@@ -171,8 +177,8 @@ def main() -> None:
         print(f"  learning curve: {n:>5} training reviews -> {a * 100:.1f}%")
     curve.append({"train": len(train), "accuracy": round(acc * 100, 2)})
     pairs = []
-    for path, rows in zip(args.against, evaluated):
-        c = against(dev, classes, gold, probs, path, rows, args.model)
+    for path, rows in zip(args.against, paired):
+        c = against(classes, gold, probs, path, rows)
         pairs.append(c)
         print(f"{path}: model {c['model_accuracy']:.1f}% vs baseline {c['baseline_accuracy']:.1f}%: "
               f"{c['diff']:+.1f} [{c['diff_ci'][0]:+.1f}, {c['diff_ci'][1]:+.1f}], McNemar p = {c['mcnemar_p']:.3g} "
