@@ -104,7 +104,7 @@ def model_rows(dev: list[dict], classes: list[str], results: Path, evaluated: li
 
 def against(classes: list[str], gold: np.ndarray, probs: np.ndarray, results: Path, rows: list[dict]) -> dict:
     """Pair the baseline with a trained model's rows (from ``model_rows``, in held-out order)."""
-    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
+    from tunelab.stats import mcnemar_exact, paired_bootstrap_diff
 
     lm_ok = np.array([bool(r["correct"]) for r in rows])
     base_ok = probs.argmax(1) == gold
@@ -139,7 +139,7 @@ def main() -> None:
     except ImportError:
         fail("error: scikit-learn is needed: pip install -e '.[bench]'")
     from tunelab.errors import TunelabError
-    from tunelab.evaluate.stats import wilson_interval
+    from tunelab.stats import wilson_interval
 
     t0 = time.perf_counter()
     try:  # every file read (and checked) before any fitting

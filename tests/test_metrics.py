@@ -6,7 +6,7 @@ from scipy.stats import binomtest
 
 from tunelab.evaluate.metrics import (INVALID, compare_to_best, confusion_matrix, macro_f1, per_label_scores,
                                       summarize_cell)
-from tunelab.evaluate.stats import wilson_interval
+from tunelab.stats import wilson_interval
 
 LABELS = ["pos", "neg", "neu"]
 

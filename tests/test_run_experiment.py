@@ -84,8 +84,9 @@ def test_summary_agrees_with_the_result_rows(first_run):
     assert lora["prompt"] == "short" and lora["train"]["steps"] == 4
     vb = lora["vs_best"]
     assert vb["baseline"] == best and vb["n"] == 16
-    assert vb["diff"] == pytest.approx(a_lora - acc[best])
-    assert vb["diff_low"] <= vb["diff"] <= vb["diff_high"]
+    assert vb["diff"]["value"] == pytest.approx(a_lora - acc[best])
+    assert vb["diff"]["low"] <= vb["diff"]["value"] <= vb["diff"]["high"]
+    assert vb["a"]["value"] == pytest.approx(acc[best]) and vb["b"]["value"] == pytest.approx(a_lora)
     best_ok = {r["item_id"]: r["correct"] for r in rows if r["variant"] == best}
     lora_ok = {r["item_id"]: r["correct"] for r in tuned}
     lost = sum(best_ok[i] and not lora_ok[i] for i in best_ok)
@@ -95,7 +96,7 @@ def test_summary_agrees_with_the_result_rows(first_run):
     assert vb["p_value"] == pytest.approx(want_p)
     # before/after on the same prompt comes from the eval stage's own rows for that prompt
     short_ok = {r["item_id"]: r["correct"] for r in rows if r["variant"] == "short"}
-    assert lora["vs_before"]["diff"] == pytest.approx(a_lora - acc["short"])
+    assert lora["vs_before"]["diff"]["value"] == pytest.approx(a_lora - acc["short"])
     assert lora["vs_before"]["n"] == len(short_ok)
     # the cost table adds up the stages
     cost = s["cost"]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from tunelab.evaluate.stats import (Interval, bootstrap_ci, holm_adjust, mcnemar_exact, paired_bootstrap_diff,
+from tunelab.stats import (Interval, bootstrap_ci, holm_adjust, mcnemar_exact, paired_bootstrap_diff,
                                     wilson_interval)
 
 
@@ -130,3 +130,62 @@ def test_holm_hand_computed():
     assert holm_adjust([]) == []
     out = holm_adjust([0.01, float("nan"), 0.02])
     assert out[0] == pytest.approx(0.02) and np.isnan(out[1]) and out[2] == pytest.approx(0.02)
+
+
+# -- one paired comparison, its family and its words ----------------------------------------------
+def test_paired_comparison_by_hand():
+    from tunelab.stats import paired_comparison, proportion
+
+    ids = [f"i{k}" for k in range(20)]
+    a = {i: k < 14 for k, i in enumerate(ids)}                   # 14 right
+    b = {i: 3 <= k < 12 or k >= 18 for k, i in enumerate(ids)}   # 11 right
+    b["extra"] = True                                            # only in b: not paired
+    c = paired_comparison(a, b)
+    assert c.n == 20 and (c.gained, c.lost) == (2, 5)           # b right where a wrong / the reverse
+    assert c.a == proportion(14, 20) and c.b == proportion(11, 20)
+    assert c.diff.value == pytest.approx(-0.15) and c.diff.low <= -0.15 <= c.diff.high
+    assert c.p_value == pytest.approx(binomtest(2, 7, 0.5).pvalue) and not c.significant
+    # the order a caller holds the items in does not change the interval
+    rev = paired_comparison(dict(reversed(list(a.items()))), dict(reversed(list(b.items()))))
+    assert rev == c
+    assert paired_comparison({"x": True}, {"y": True}).n == 0
+
+
+def test_paired_comparison_confidence_and_significance():
+    from tunelab.stats import paired_comparison
+
+    a = {str(i): False for i in range(40)}
+    b = {str(i): i < 30 for i in range(40)}
+    c = paired_comparison(a, b, confidence=0.99)
+    assert c.alpha == pytest.approx(0.01) and c.significant and c.verdict == "better (significant)"
+    wide, narrow = paired_comparison(a, b, confidence=0.99).diff, paired_comparison(a, b, confidence=0.8).diff
+    assert wide.low < narrow.low and narrow.high < wide.high
+
+
+def test_with_holm_adjusts_the_family():
+    from tunelab.stats import paired_comparison, with_holm
+
+    a = {str(i): False for i in range(12)}
+    strong = paired_comparison(a, {str(i): i < 9 for i in range(12)})   # p = 2/512
+    weak = paired_comparison(a, {str(i): i < 5 for i in range(12)})     # p = 1/16: not significant alone
+    empty = paired_comparison(a, {})
+    out = with_holm([weak, strong, empty])
+    assert out[0].p_holm == pytest.approx(holm_adjust([weak.p_value, strong.p_value])[0])
+    assert out[1].p_holm == pytest.approx(2 * strong.p_value) and out[1].significant
+    assert out[2] is empty and out[2].p_holm is None
+
+
+def test_verdict_words_and_sentence():
+    from tunelab.stats import format_p, paired_comparison, paired_sentence, verdict
+
+    assert [verdict(0.1, True), verdict(-0.1, True), verdict(0.0, False), verdict(-0.02, False),
+            verdict(None, None), verdict(-0.3, True, best=True)] == [
+        "better (significant)", "worse (significant)", "tie", "not significant", "-", "best"]
+    assert (format_p(0.0004), format_p(0.01234), format_p(None), format_p(float("nan"))) == \
+        ("<0.001", "0.0123", "-", "-")
+    a = {str(i): False for i in range(40)}
+    c = paired_comparison(a, {str(i): i < 30 for i in range(40)})
+    assert paired_sentence("tuned", "base", c).startswith("tuned beats base by 75.0 points (+75.0 [")
+    assert "McNemar p<0.001, n=40" in paired_sentence("tuned", "base", c)
+    same = paired_comparison(a, a)
+    assert paired_sentence("x", "y", same) == "x vs y: +0.0 points [+0.0, +0.0], not significant (McNemar p=1, n=40)"

@@ -150,7 +150,7 @@ def test_weight_average_is_the_result_with_the_last_weights_beside_it_and_surviv
     rep = json.loads((out / "report.json").read_text())
     assert rep["ema_decay"] == 0.5 and rep["last_weights"] == str(out / "adapter-last")
     c = rep["eval"]["ema"]["trained"]
-    assert c["n"] == 8 and c["after"] == rep["eval"]["variants"]["trained"]["after"]
+    assert c["n"] == 8 and c["b"] == rep["eval"]["variants"]["trained"]["b"]
     assert "weight average: ema_decay 0.5 (about the last 2 steps)" in p.stderr   # the preview
     assert "weight average (ema_decay 0.5) vs last weights" in p.stderr
     assert "against the last weights" in (out / "report.html").read_text()

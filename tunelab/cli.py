@@ -161,6 +161,8 @@ def _fmt_metric(m: dict | None) -> str:
 
 
 def _print_table(summary: dict) -> None:
+    from tunelab.stats import format_p, verdict
+
     metric = summary["metric"]
     t = Table(title=f"{summary['title']}: {summary['dataset']} ({summary['n_items']} items, task {summary['task']})")
     cols = ["variant", "model", "mode", f"{metric} % [95% CI]"]
@@ -173,18 +175,15 @@ def _print_table(summary: dict) -> None:
     for c in summary["cells"]:
         comp = c.get("comparison") or {}
         is_best = c["variant"] == best.get("variant") and c["model"] == best.get("model")
-        if is_best:
-            verdict = "[bold green]best[/]"
-        elif comp:
-            verdict = "[red]worse[/]" if comp.get("significant") else "n.s."
-        else:
-            verdict = "-"
+        word = verdict(comp.get("diff"), comp.get("significant"), best=is_best) if comp or is_best else "-"
+        style = "bold green" if is_best else "red" if comp.get("significant") else ""
+        shown = f"[{style}]{word}[/]" if style else word
         row = [c["variant"], c["model"], c.get("mode", ""), _fmt_metric(c["metrics"].get(metric))]
         if summary["task"] == "label":
             row.append(_fmt_metric(c["metrics"].get("macro_f1")))
         row += [_fmt_metric(c["metrics"].get("compliance")), f"{c['tokens']['prompt_mean']:.0f}",
                 f"{c['latency_ms']['mean']:.0f}",
-                "-" if is_best or not comp else f"{comp.get('p_holm', comp.get('p_value')):.3g}", verdict]
+                "-" if is_best or not comp else format_p(comp.get("p_holm", comp.get("p_value"))), shown]
         t.add_row(*row)
     console.print(t)
     for n in summary.get("notes", []):

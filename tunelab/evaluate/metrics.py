@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tunelab.evaluate.stats import bootstrap_ci, holm_adjust, mcnemar_exact, wilson_interval
+from tunelab.stats import bootstrap_ci, holm_adjust, mcnemar_exact, wilson_interval
 
 __all__ = ["INVALID", "confusion_matrix", "macro_f1", "per_label_scores", "summarize_cell", "compare_to_best"]
 

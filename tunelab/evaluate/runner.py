@@ -302,6 +302,8 @@ def _best(cells: list[dict], metric: str) -> dict | None:
 
 
 def _notes(cells: list[dict], best: dict | None, metric: str) -> list[str]:
+    from tunelab.stats import format_p, verdict
+
     notes = []
     if best is None:
         return ["No gold answers in the dataset: only compliance, tokens and latency are reported."]
@@ -310,9 +312,9 @@ def _notes(cells: list[dict], best: dict | None, metric: str) -> list[str]:
         if comp.get("vs") is None:
             continue
         d = c["metrics"][metric]["value"] - best["value"]
-        verdict = "significant" if comp.get("significant") else "not significant"
         notes.append(f"{c['variant']} @ {c['model']} vs best: {d * 100:+.1f} points "
-                     f"(McNemar p={comp.get('p_value', float('nan')):.3g}, Holm p={comp.get('p_holm', float('nan')):.3g}, {verdict})")
+                     f"(McNemar p={format_p(comp.get('p_value'))}, Holm p={format_p(comp.get('p_holm'))}, "
+                     f"{verdict(d, comp.get('significant'))})")
     labels_chance = [c for c in cells if c.get("confusion")]
     if labels_chance:
         k = len(labels_chance[0]["confusion"]["labels"]) - 1

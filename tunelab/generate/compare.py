@@ -82,7 +82,7 @@ class CompareOptions:
 def agreement(gold: list[str], teacher: list[str], labels: list[str]) -> dict[str, Any]:
     """Teacher-vs-gold agreement: accuracy (Wilson 95% interval), Cohen's kappa and the confusion matrix
     (rows: gold label, columns: teacher label)."""
-    from tunelab.evaluate.stats import wilson_interval
+    from tunelab.stats import proportion
 
     n = len(gold)
     if n != len(teacher):
@@ -96,24 +96,23 @@ def agreement(gold: list[str], teacher: list[str], labels: list[str]) -> dict[st
     po = agree / n if n else 0.0
     pe = sum((sum(m[i]) / n) * (sum(r[i] for r in m) / n) for i in range(len(labels))) if n else 0.0
     kappa = (po - pe) / (1 - pe) if pe < 1 else (1.0 if po == 1 else 0.0)
-    lo, hi = wilson_interval(agree, n) if n else (0.0, 1.0)
-    return {"n": n, "agree": agree, "accuracy": round(po, 4), "accuracy_ci": [round(lo, 4), round(hi, 4)],
+    ci = proportion(agree, n)
+    return {"n": n, "agree": agree, "accuracy": round(po, 4), "accuracy_ci": [round(ci.low, 4), round(ci.high, 4)],
             "kappa": round(kappa, 4), "expected_agreement": round(pe, 4),
             "confusion": {"rows": "gold", "columns": "teacher", "labels": list(labels), "matrix": m}}
 
 
 def compare_students(correct: dict[str, dict[str, bool]], a: str, b: str) -> dict[str, Any]:
-    """Accuracy of ``a`` minus ``b`` on the same items: paired bootstrap 95% interval and exact McNemar."""
-    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
+    """Accuracy of ``a`` minus ``b`` on the same items (tunelab.stats.paired_comparison of ``a`` against ``b``):
+    paired bootstrap 95% interval and exact McNemar."""
+    from tunelab.stats import paired_comparison
 
-    ids = sorted(set(correct[a]) & set(correct[b]))
-    xa = [correct[a][i] for i in ids]
-    xb = [correct[b][i] for i in ids]
-    mc = mcnemar_exact(xa, xb)
-    d = paired_bootstrap_diff([float(x) for x in xa], [float(x) for x in xb])
-    return {"a": a, "b": b, "n": len(ids), "diff": round(d.value, 4), "diff_ci": [round(d.low, 4), round(d.high, 4)],
-            "a_right_b_wrong": mc.b, "a_wrong_b_right": mc.c, "mcnemar_p": round(mc.p_value, 6),
-            "significant": bool(mc.p_value < 0.05)}
+    c = paired_comparison(correct[b], correct[a])
+    d = c.diff
+    return {"a": a, "b": b, "n": c.n, "diff": round(d.value, 4) if d else None,
+            "diff_ci": [round(d.low, 4), round(d.high, 4)] if d else None,
+            "a_right_b_wrong": c.gained, "a_wrong_b_right": c.lost, "mcnemar_p": round(c.p_value, 6),
+            "significant": c.significant}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -197,9 +196,9 @@ def label_with_teacher(opts: CompareOptions, raw: dict[str, Any], config_path: P
     finally:
         if srv is not None:
             srv.stop()
-            from tunelab.train.report import _forget_loaded_models
+            from tunelab.models import release_models
 
-            _forget_loaded_models()
+            release_models()
 
 
 def train_student(opts: CompareOptions, data: Path, prompt: Path, out: Path, log: Log) -> dict[str, Any]:
@@ -231,8 +230,8 @@ def evaluate_students(opts: CompareOptions, prompt: Path, model: str, adapters: 
     """Base and trained models on the same dev items (one EvalRunner); accuracy with Wilson 95% intervals."""
     from tunelab.config import EvalConfig, validate_as
     from tunelab.evaluate.runner import EvalRunner
-    from tunelab.evaluate.stats import wilson_interval
-    from tunelab.train.report import _forget_loaded_models
+    from tunelab.stats import proportion
+    from tunelab.models import release_models
 
     models = [{"name": "base", "model": model}] + [{"name": k, "model": model, "adapter": str(v)}
                                                    for k, v in adapters.items()]
@@ -240,7 +239,7 @@ def evaluate_students(opts: CompareOptions, prompt: Path, model: str, adapters: 
                                    "variants": {"student": str(prompt)}, "models": models}, "teacher-vs-gold")
     runner = EvalRunner(cfg, Path.cwd(), opts.out / "eval", limit=opts.dev_limit, use_cache=opts.use_cache, log=log)
     summary, rows = runner.run()
-    _forget_loaded_models()
+    release_models()
     (opts.out / "eval" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str)
                                                      + "\n", encoding="utf-8")
     correct: dict[str, dict[str, bool]] = {}
@@ -249,9 +248,9 @@ def evaluate_students(opts: CompareOptions, prompt: Path, model: str, adapters: 
         c = {r["item_id"]: bool(r["correct"]) for r in rows if r["model"] == m and r.get("sample", 0) == 0}
         correct[m] = c
         k, n = sum(c.values()), len(c)
-        lo, hi = wilson_interval(k, n) if n else (0.0, 1.0)
+        ci = proportion(k, n)
         out[m] = {"n": n, "correct": k, "accuracy": round(k / n, 4) if n else None,
-                  "ci": [round(lo, 4), round(hi, 4)]}
+                  "ci": [round(ci.low, 4), round(ci.high, 4)]}
     return out, correct
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, ModelBackend
 
-__all__ = ["ChoiceScores", "Generation", "GenerationParams", "ModelBackend", "load_model"]
+__all__ = ["ChoiceScores", "Generation", "GenerationParams", "ModelBackend", "load_model", "release_models"]
 
 _LOADED: dict[tuple, ModelBackend] = {}
 
@@ -33,3 +33,11 @@ def load_model(spec: str | None = None, *, adapter: str | None = None, cache: bo
     if cache:
         _LOADED[key] = model
     return model
+
+
+def release_models() -> None:
+    """Forget the memoised models (so their memory can be freed), e.g. before training or between eval stages."""
+    import gc
+
+    _LOADED.clear()
+    gc.collect()

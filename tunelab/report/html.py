@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import jinja2
 
 from tunelab.report import plots
+from tunelab.stats import format_p, verdict
 
 __all__ = ["render_report", "write_report"]
 
@@ -34,12 +35,6 @@ def _interval(m: dict | None) -> str:
     return "-" if not m else f"{m['value'] * 100:.1f} [{m['low'] * 100:.1f}, {m['high'] * 100:.1f}]"
 
 
-def _p(p: float | None) -> str:
-    if p is None or p != p:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.3g}"
-
-
 def _show(value: Any) -> str:
     if value is None:
         return "(none)"
@@ -48,7 +43,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-_env.filters.update(pct=_pct, interval=_interval, pvalue=_p, show=_show)
+_env.filters.update(pct=_pct, interval=_interval, pvalue=format_p, show=_show)
 
 
 # -- view model ------------------------------------------------------------------------------------
@@ -63,14 +58,8 @@ def _is_best(cell: dict, best: dict | None) -> bool:
 
 
 def _verdict(cell: dict, best: dict | None) -> str:
-    comp = cell.get("comparison")
-    if _is_best(cell, best):
-        return "best"
-    if not comp:
-        return "-"
-    if comp.get("diff", 0.0) == 0.0:
-        return "tie"
-    return "worse (significant)" if comp.get("significant") else "not significant"
+    comp = cell.get("comparison") or {}
+    return verdict(comp.get("diff"), comp.get("significant"), best=_is_best(cell, best))
 
 
 def _headline(cells: Sequence[dict], names: list[str], best: dict | None) -> list[dict]:
@@ -84,7 +73,7 @@ def _headline(cells: Sequence[dict], names: list[str], best: dict | None) -> lis
         if _is_best(c, best) or not comp:
             continue
         points = -comp["diff"] * 100
-        p = _p(comp.get("p_holm", comp.get("p_value")))
+        p = format_p(comp.get("p_holm", comp.get("p_value")))
         p = p if p.startswith("<") else f"={p}"
         if comp.get("significant"):
             text = f"{best_name} beats {name} by {points:+.1f} points (p{p}, significant)"

@@ -58,6 +58,7 @@ def run_cmd(
     from tunelab.cli import _new_progress, _progress_factory, err_console
     from tunelab.errors import ConfigError
     from tunelab.run.experiment import run_experiment
+    from tunelab.stats import format_p, verdict
 
     if not experiment.is_file():
         raise ConfigError(f"no such file: {experiment}")
@@ -80,17 +81,16 @@ def run_cmd(
     for p in summary.get("prompts") or []:
         t.add_row("base", p["variant"], _fmt(p.get("accuracy")),
                   "-" if p["is_best"] else f"{(p.get('diff_vs_best') or 0) * 100:+.1f}",
-                  "-" if p["is_best"] or p.get("p_holm") is None else f"{p['p_holm']:.3g}", p["verdict"])
+                  "-" if p["is_best"] or p.get("p_holm") is None else format_p(p["p_holm"]), p["verdict"])
     for m in summary.get("methods") or []:
         v = m.get("vs_best") or {}
         if not v.get("n"):
             t.add_row(m["name"], m.get("prompt") or "-", "-", "-", "-", "not evaluated")
             continue
+        d = v["diff"]
         t.add_row(m["name"], m["prompt"], _fmt(m.get("accuracy")),
-                  f"{v['diff'] * 100:+.1f} [{v['diff_low'] * 100:+.1f}, {v['diff_high'] * 100:+.1f}]",
-                  f"{v['p_holm']:.3g}",
-                  ("better" if v["diff"] > 0 else "worse") + " (significant)" if v.get("significant")
-                  else "not significant")
+                  f"{d['value'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]",
+                  format_p(v["p_holm"]), verdict(d["value"], v.get("significant")))
     console.print(t)
     console.print(summary["verdict"]["text"], highlight=False, markup=False, soft_wrap=True)
     cost = summary["cost"]

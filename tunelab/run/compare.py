@@ -8,6 +8,7 @@ from typing import Any
 
 from tunelab.errors import ConfigError
 from tunelab.run.util import read_json
+from tunelab.stats import format_p
 
 SKIP_ENV = ("git.experiment",)
 
@@ -85,7 +86,8 @@ def compare_runs(a_dir: Path, b_dir: Path) -> list[tuple[str, list[tuple[str, ..
                      _delta(x.get("accuracy"), y.get("accuracy"))))
         vx, vy = x.get("vs_best") or {}, y.get("vs_best") or {}
         if vx.get("n") or vy.get("n"):
-            f = (lambda v: f"{v['diff'] * 100:+.1f} (p={v.get('p_holm', v['p_value']):.3g})" if v.get("n") else "-")
+            f = (lambda v: f"{v['diff']['value'] * 100:+.1f} (p={format_p(v['p_value'] if v.get('p_holm') is None else v['p_holm'])})"
+                 if v.get("n") else "-")
             rows.append((f"{n}: vs best prompt, points", f(vx), f(vy), ""))
         tx, ty = x.get("train") or {}, y.get("train") or {}
         for k in ("loss_last", "train_seconds", "tok_s"):

@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 
 from tunelab.run.util import now, read_json, read_jsonl
+from tunelab.stats import PairedComparison, format_p, paired_sentence, verdict
 
 MAX_EXAMPLES = 16
 
@@ -24,30 +25,19 @@ def _load(p: Path) -> Any:
     return read_json(p) if p.is_file() else None
 
 
-def _p(p: float | None) -> str:
-    if p is None or p != p:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.3g}"
-
-
 def _points(x: float) -> str:
     return f"{x * 100:+.1f}"
+
+
+def _comparison(v: dict) -> PairedComparison:
+    return PairedComparison.model_validate({k: x for k, x in v.items() if k != "baseline"})
 
 
 def method_sentence(name: str, m: dict, best: str) -> str:
     v = m.get("vs_best") or {}
     if not v.get("n"):
         return f"{name}: no paired items with the best prompt"
-    p = v.get("p_holm", v.get("p_value"))
-    ps = _p(p)
-    ps = ps if ps.startswith("<") else f"={ps}"
-    ci = f"[{_points(v['diff_low'])}, {_points(v['diff_high'])}]"
-    if v.get("significant"):
-        word = "beats" if v["diff"] > 0 else "is worse than"
-        return (f"{name} {word} the best prompt ({best}) by {abs(v['diff']) * 100:.1f} points "
-                f"({_points(v['diff'])} {ci}, McNemar p{ps}, n={v['n']})")
-    return (f"{name} vs the best prompt ({best}): {_points(v['diff'])} points {ci}, not significant "
-            f"(McNemar p{ps}, n={v['n']})")
+    return paired_sentence(name, f"the best prompt ({best})", _comparison(v))
 
 
 def build_summary(out: Path, state: dict, r) -> dict[str, Any]:
@@ -69,8 +59,7 @@ def build_summary(out: Path, state: dict, r) -> dict[str, Any]:
         for c in ev["cells"]:
             comp = c.get("comparison") or {}
             is_best = (ev.get("best") or {}).get("variant") == c["variant"]
-            verdict = "best" if is_best else ("worse (significant)" if comp.get("significant") else
-                                              "tie" if comp.get("diff") == 0 else "not significant") if comp else "-"
+            word = verdict(comp.get("diff"), comp.get("significant"), best=is_best) if comp or is_best else "-"
             rows.append({"variant": c["variant"], "mode": c.get("mode"), "accuracy": c["metrics"].get("accuracy"),
                          "macro_f1": c["metrics"].get("macro_f1"), "compliance": c["metrics"].get("compliance"),
                          "prompt_tokens_mean": c["tokens"]["prompt_mean"],
@@ -78,7 +67,7 @@ def build_summary(out: Path, state: dict, r) -> dict[str, Any]:
                          "ms_per_item": c["latency_ms"]["mean"], "spec_hash": c.get("spec_hash"),
                          "diff_vs_best": comp.get("diff"), "p_value": comp.get("p_value"),
                          "p_holm": comp.get("p_holm"), "significant": comp.get("significant"),
-                         "verdict": verdict, "is_best": is_best})
+                         "verdict": word, "is_best": is_best})
         summary["prompts"] = rows
         b = next((x for x in rows if x["is_best"]), None)
         if b is not None:
@@ -96,6 +85,7 @@ def build_summary(out: Path, state: dict, r) -> dict[str, Any]:
             entry.update(prompt=a["prompt"], accuracy=a["metrics"].get("accuracy"),
                          macro_f1=a["metrics"].get("macro_f1"), compliance=a["metrics"].get("compliance"),
                          vs_best=a["vs_best"], vs_before=a["vs_before"],
+                         verdict=_comparison(a["vs_best"]).verdict if a["vs_best"].get("n") else "not evaluated",
                          sentence=method_sentence(name, a, best or "?"))
         methods.append(entry)
     summary["methods"] = methods
@@ -136,18 +126,18 @@ def _verdict(s: dict, best: str | None) -> dict[str, Any]:
     if not scored:
         return {"text": f"The best prompt is {best} ({acc['value'] * 100:.1f}%); the tuned models have not been "
                         "evaluated yet.", "tuning_wins": None}
-    top = max(scored, key=lambda m: m["vs_best"]["diff"])
-    v = top["vs_best"]
-    wins = bool(v.get("significant") and v["diff"] > 0)
-    loses = bool(v.get("significant") and v["diff"] < 0)
+    top = max(scored, key=lambda m: m["vs_best"]["diff"]["value"])
+    v = _comparison(top["vs_best"])
+    wins = bool(v.significant and v.diff.value > 0)
+    loses = bool(v.significant and v.diff.value < 0)
     train_min = (s.get("cost") or {}).get("train_wall_s")
     head = ("Tuning beat prompting" if wins else "Prompting beat tuning" if loses
             else "No significant difference between tuning and prompting")
     text = (f"{head}: {top['name']} {top['accuracy']['value'] * 100:.1f}% vs the best prompt {best} "
-            f"{acc['value'] * 100:.1f}% ({_points(v['diff'])} points [{_points(v['diff_low'])}, "
-            f"{_points(v['diff_high'])}], McNemar p={_p(v.get('p_holm', v['p_value']))}, n={v['n']}).")
+            f"{acc['value'] * 100:.1f}% ({_points(v.diff.value)} points [{_points(v.diff.low)}, "
+            f"{_points(v.diff.high)}], McNemar p={format_p(v.p)}, n={v.n}).")
     return {"text": text, "tuning_wins": wins, "tuning_loses": loses, "best_method": top["name"],
-            "diff": v["diff"], "train_wall_s": train_min}
+            "diff": v.diff.value, "train_wall_s": train_min}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +205,8 @@ def _charts(out: Path, summary: dict) -> dict[str, str]:
     scored = [m for m in summary.get("methods", []) if (m.get("vs_best") or {}).get("n")]
     if scored:
         charts["diff"] = plots.diff_intervals(
-            [m["name"] for m in scored], [m["vs_best"]["diff"] for m in scored],
-            [m["vs_best"]["diff_low"] for m in scored], [m["vs_best"]["diff_high"] for m in scored],
+            [m["name"] for m in scored], [m["vs_best"]["diff"]["value"] for m in scored],
+            [m["vs_best"]["diff"]["low"] for m in scored], [m["vs_best"]["diff"]["high"] for m in scored],
             xlabel=f"accuracy points vs the best prompt ({summary['best_prompt']['variant']}), paired 95% interval")
     series = {}
     for m in summary.get("methods", []):
@@ -235,7 +225,8 @@ def _fmt_interval(m: dict | None) -> str:
 def _fmt_diff(v: dict | None) -> str:
     if not v or not v.get("n"):
         return "-"
-    return f"{_points(v['diff'])} [{_points(v['diff_low'])}, {_points(v['diff_high'])}]"
+    d = v["diff"]
+    return f"{_points(d['value'])} [{_points(d['low'])}, {_points(d['high'])}]"
 
 
 def _fmt_s(s: float | None) -> str:
@@ -253,7 +244,7 @@ def _environment() -> jinja2.Environment:
 
     env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True,
                              loader=jinja2.DictLoader({"run.html": TEMPLATE}))
-    env.filters.update(interval=_fmt_interval, diffci=_fmt_diff, pvalue=_p, secs=_fmt_s, show=_show)
+    env.filters.update(interval=_fmt_interval, diffci=_fmt_diff, pvalue=format_p, secs=_fmt_s, show=_show)
     return env
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import yaml
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import release_models
 from tunelab.run.config import MethodPlan, PromptRef, ResolvedExperiment
 from tunelab.run.util import dir_sha, file_sha, model_identity, read_json, read_jsonl, stable_hash, write_json
 
@@ -48,15 +49,6 @@ class Outcome:
     result: dict[str, Any]
     tokens: int = 0
     teacher_usd: float | None = None
-
-
-def _forget_models() -> None:
-    from tunelab import models
-
-    models._LOADED.clear()
-    import gc
-
-    gc.collect()
 
 
 def eval_limit(r: ResolvedExperiment) -> int | None:
@@ -128,7 +120,7 @@ class EvalStage:
         ctx.log(f"eval: {len(r.prompts)} prompt(s) on {r.eval_data.name} with {r.model}")
         summary, rows = _run_eval(ctx, cfg, d)
         write_report(d / "report.html", summary, rows, title=f"{r.name}: prompts")
-        _forget_models()
+        release_models()
         best = summary.get("best") or {}
         cells = {c["variant"]: c["metrics"].get("accuracy") for c in summary["cells"]}
         return Outcome(_rows_hash(rows), {"best": best.get("variant"), "n_items": summary["n_items"],
@@ -269,10 +261,10 @@ class TrainStage:
         ref = self.prompt_ref(ctx)
         ctx.log(f"train {self.plan.entry.name}: {cfg.method} on {Path(cfg.data.path).name} with prompt {ref.name}"
                 + (" (resuming from the latest checkpoint)" if resume else ""))
-        _forget_models()
+        release_models()
         recipe = importlib.import_module(RECIPES[cfg.method])
         rep = recipe.run(cfg, resume=resume, log=ctx.log, console=ctx.console)
-        _forget_models()
+        release_models()
         artifact = Path(rep["artifact"])
         weights = sorted(artifact.glob("*.safetensors"))
         out_hash = stable_hash([file_sha(w) for w in weights]) if weights else dir_sha(artifact)
@@ -292,24 +284,15 @@ class TrainStage:
 # --------------------------------------------------------------------------------------------------
 # eval_after: tuned models vs the best prompt, same items, paired
 # --------------------------------------------------------------------------------------------------
-def paired(a_rows: list[dict], b_rows: list[dict], *, seed: int, confidence: float) -> dict[str, Any]:
-    """B vs A on the items both scored (sample 0): accuracy difference B - A with a paired bootstrap interval
-    and the exact McNemar test. ``b`` = items A got right and B wrong; ``c`` the reverse."""
-    from tunelab.evaluate.stats import mcnemar_exact, paired_bootstrap_diff
+def paired(a_rows: list[dict], b_rows: list[dict], *, seed: int, confidence: float):
+    """B vs A on the items both scored (sample 0): tunelab.stats.paired_comparison of their outcomes."""
+    from tunelab.stats import paired_comparison
 
     def outcomes(rows: list[dict]) -> dict[str, bool]:
         return {str(r["item_id"]): bool(r["correct"]) for r in rows
                 if r.get("sample", 0) == 0 and r.get("correct") is not None}
 
-    a, b = outcomes(a_rows), outcomes(b_rows)
-    ids = [i for i in a if i in b]
-    if not ids:
-        return {"n": 0}
-    xa, xb = [a[i] for i in ids], [b[i] for i in ids]
-    test = mcnemar_exact(xa, xb)
-    ci = paired_bootstrap_diff([float(x) for x in xb], [float(x) for x in xa], seed=seed, confidence=confidence)
-    return {"n": len(ids), "a": sum(xa) / len(ids), "b_acc": sum(xb) / len(ids), "diff": ci.value,
-            "diff_low": ci.low, "diff_high": ci.high, "p_value": test.p_value, "lost": test.b, "gained": test.c}
+    return paired_comparison(outcomes(a_rows), outcomes(b_rows), seed=seed, confidence=confidence)
 
 
 class EvalAfterStage:
@@ -333,7 +316,7 @@ class EvalAfterStage:
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.data.io import write_jsonl
         from tunelab.evaluate.metrics import summarize_cell
-        from tunelab.evaluate.stats import holm_adjust
+        from tunelab.stats import with_holm
 
         r = ctx.r
         conf, seed = r.exp.eval.confidence, r.exp.seed
@@ -357,7 +340,7 @@ class EvalAfterStage:
             cfg = eval_config(r, {variant: ref}, models)
             ctx.log(f"eval_after {name}: {tr['kind']} with prompt {variant} on {r.eval_data.name}")
             summary, rows = _run_eval(ctx, cfg, d / name)
-            _forget_models()
+            release_models()
             mine = [x for x in rows if x["model"] == name]
             before = ([x for x in base_rows if x["variant"] == same] if same is not None
                       else [x for x in rows if x["model"] == "base"])
@@ -365,17 +348,17 @@ class EvalAfterStage:
             methods[name] = {
                 "method": tr["method"], "prompt": variant, "prompt_hash": ref.hash, "artifact": str(artifact),
                 "metrics": cell["metrics"], "n_items": cell["n_items"], "tokens": cell["tokens"],
-                "vs_best": {"baseline": best, **paired(best_rows, mine, seed=seed, confidence=conf)},
-                "vs_before": {"baseline": f"{variant} (base model)",
-                              **paired(before, mine, seed=seed, confidence=conf)},
+                "vs_best": paired(best_rows, mine, seed=seed, confidence=conf),
+                "vs_before": paired(before, mine, seed=seed, confidence=conf),
+                "baselines": {"vs_best": best, "vs_before": f"{variant} (base model)"},
             }
             all_rows += rows
         names = list(methods)
-        for key in ("vs_best", "vs_before"):
-            adj = holm_adjust([methods[n][key].get("p_value", float("nan")) for n in names])
-            for n, p in zip(names, adj):
-                methods[n][key]["p_holm"] = p
-                methods[n][key]["significant"] = bool(p == p and p < 1 - conf)
+        for key in ("vs_best", "vs_before"):  # Holm over the methods, each family on its own
+            for n, c in zip(names, with_holm([methods[n][key] for n in names])):
+                methods[n][key] = {"baseline": methods[n]["baselines"][key], **c.model_dump(mode="json")}
+        for m in methods.values():
+            del m["baselines"]
         write_jsonl(d / "results.jsonl", all_rows)
         write_json(d / "summary.json", {"best_prompt": best, "confidence": conf, "methods": methods})
         return Outcome(_rows_hash(all_rows), {n: {"accuracy": m["metrics"].get("accuracy"),
@@ -431,7 +414,7 @@ class ServeStage:
         messages = r.prompts[best].spec.render(item)
         cfg = ServeConfig(model=None if r.model == "bundled" else r.model, adapters=adapters, port=0,
                           max_batch=4, default_max_tokens=max_tokens)
-        _forget_models()
+        release_models()
         app = build_app(cfg)
         base_id = app.state.serving.base_id
         answers = []
@@ -447,6 +430,6 @@ class ServeStage:
                                 "completion_tokens": resp.usage.completion_tokens if resp.usage else None,
                                 "latency_s": round(time.perf_counter() - t0, 3)})
                 ctx.log(f"serve: {name} answered {answers[-1]['answer']!r} in {answers[-1]['latency_s']:.2f}s")
-        _forget_models()
+        release_models()
         return {"ok": True, "served_models": served, "prompt": best, "item_id": str(item.get("id", 0)),
                 "gold": r.prompts[best].spec.gold(item), "answers": answers}

@@ -118,8 +118,7 @@ TEMPLATE = r"""<!DOCTYPE html>
       <td class="num">{{ b | diffci }}</td>
       <td class="num">{% if b.n %}{{ b.gained }} / {{ b.lost }}{% else %}-{% endif %}</td>
       <td class="num">{{ b.p_holm | pvalue }}</td>
-      <td class="{{ ('good' if b.diff > 0 else 'bad') if b.significant else 'ns' }}">
-        {% if not b.n %}not evaluated{% elif b.significant %}{{ 'better' if b.diff > 0 else 'worse' }} (significant){% else %}not significant{% endif %}</td>
+      <td class="{{ ('good' if b.diff.value > 0 else 'bad') if b.significant else 'ns' }}">{{ m.verdict or 'not evaluated' }}</td>
       <td class="num">{{ m.vs_before | diffci }}{% if (m.vs_before or {}).n %}, p {{ m.vs_before.p_value | pvalue }}{% endif %}</td>
     </tr>
   {% endfor %}

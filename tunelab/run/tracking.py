@@ -20,7 +20,7 @@ def _metrics(summary: dict) -> dict[str, float]:
         if x.get("accuracy"):
             m[f"tuned/{x['name']}/accuracy"] = x["accuracy"]["value"]
         if (x.get("vs_best") or {}).get("n"):
-            m[f"tuned/{x['name']}/diff_vs_best"] = x["vs_best"]["diff"]
+            m[f"tuned/{x['name']}/diff_vs_best"] = x["vs_best"]["diff"]["value"]
             m[f"tuned/{x['name']}/p_vs_best"] = x["vs_best"]["p_value"]
     for c in (summary.get("cost") or {}).get("stages", []):
         if c.get("wall_s") is not None:

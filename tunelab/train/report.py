@@ -199,38 +199,6 @@ class ForgettingProbe:
 # --------------------------------------------------------------------------------------------------
 # before/after eval (EvalRunner)
 # --------------------------------------------------------------------------------------------------
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
-
-
-def paired_comparison(before: dict[str, bool], after: dict[str, bool]) -> dict[str, Any]:
-    """Accuracy before/after on the same items: difference with a 95% interval and an exact McNemar test."""
-    from scipy.stats import binomtest
-
-    ids = sorted(set(before) & set(after))
-    n = len(ids)
-    if n == 0:
-        return {"n": 0}
-    b = sum(before[i] for i in ids)
-    a = sum(after[i] for i in ids)
-    gained = sum(after[i] and not before[i] for i in ids)
-    lost = sum(before[i] and not after[i] for i in ids)
-    d = [(after[i] - before[i]) for i in ids]
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1))
-    half = 1.96 * sd / math.sqrt(n)
-    p = float(binomtest(gained, gained + lost, 0.5).pvalue) if gained + lost else 1.0
-    return {"n": n, "before": b / n, "before_ci": wilson(b, n), "after": a / n, "after_ci": wilson(a, n),
-            "diff": mean, "diff_ci": (mean - half, mean + half), "gained": gained, "lost": lost,
-            "mcnemar_p": p, "significant": bool(p < 0.05)}
-
-
 def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any] | None:
     """Run the same eval config on the base model and on the trained one (one EvalRunner, two models). With a
     weight average (``train.ema_decay``) the last weights (``last``) are a third model, compared with the average
@@ -240,6 +208,8 @@ def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = N
         return None
     from tunelab.config import EvalConfig, ModelConfig, validate_as
     from tunelab.evaluate.runner import EvalRunner, load_eval_config
+    from tunelab.models import release_models
+    from tunelab.stats import paired_comparison
 
     if e.config:
         cfg = load_eval_config(e.config)
@@ -261,7 +231,7 @@ def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = N
     runner = EvalRunner(cfg, base_dir, run.out / "eval", limit=e.limit, use_cache=True)
     summary, rows = runner.run()
     write_json(run.out / "eval" / "summary.json", summary)
-    _forget_loaded_models()
+    release_models()
     out: dict[str, Any] = {"config": e.config or e.data, "items": summary.get("n_items"),
                            "metric": summary.get("metric"), "wall_s": round(time.perf_counter() - t0, 1),
                            "variants": {}}
@@ -271,19 +241,12 @@ def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = N
         by = {m.name: {r["item_id"]: bool(r["correct"]) for r in rows
                        if r["variant"] == variant and r["model"] == m.name and r.get("sample", 0) == 0
                        and r.get("correct") is not None} for m in models}
-        out["variants"][variant] = paired_comparison(by["before"], by["after"])
+        out["variants"][variant] = paired_comparison(by["before"], by["after"], confidence=cfg.confidence,
+                                                     seed=cfg.seed).model_dump(mode="json")
         if last is not None:
-            out["ema"][variant] = paired_comparison(by["last"], by["after"])
+            out["ema"][variant] = paired_comparison(by["last"], by["after"], confidence=cfg.confidence,
+                                                seed=cfg.seed).model_dump(mode="json")
     return out
-
-
-def _forget_loaded_models() -> None:
-    try:
-        from tunelab import models
-
-        models._LOADED.clear()
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,10 +340,11 @@ def finish(run: Run, result: FitResult, params: dict[str, Any], probe: Forgettin
     if ev and "variants" in ev:
         for v, c in ev["variants"].items():
             if c.get("n"):
-                run.log(f"eval {v}: {_paired_text(c, with_n=True)}")
+                run.log(f"eval {v}: {_paired_text(c, 'after', 'before')}")
         for v, c in ev.get("ema", {}).items():
             if c.get("n"):
-                run.log(f"eval {v}, weight average (ema_decay {t.ema_decay:g}) vs last weights: {_paired_text(c)}")
+                run.log(f"eval {v}, weight average (ema_decay {t.ema_decay:g}) vs last weights: "
+                        f"{_paired_text(c, 'average', 'last weights')}")
     run.log(f"report: {run.out / 'report.html'}")
     return rep
 
@@ -410,11 +374,12 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
-def _paired_text(c: dict[str, Any], with_n: bool = False) -> str:
-    """``a -> b (+d points, 95% CI [lo, hi], McNemar p=P[, n=N])`` of a paired_comparison."""
-    lo, hi = c["diff_ci"]
-    return (f"{c['before']:.1%} -> {c['after']:.1%} ({c['diff'] * 100:+.1f} points, 95% CI [{lo * 100:+.1f}, "
-            f"{hi * 100:+.1f}], McNemar p={c['mcnemar_p']:.3g}" + (f", n={c['n']})" if with_n else ")"))
+def _paired_text(c: dict[str, Any], b_name: str, a_name: str) -> str:
+    """``a -> b: <the comparison's sentence>`` of a serialised PairedComparison."""
+    from tunelab.stats import PairedComparison, paired_sentence
+
+    pc = PairedComparison.model_validate(c)
+    return f"{pc.a.value:.1%} -> {pc.b.value:.1%}: {paired_sentence(b_name, a_name, pc)}"
 
 
 def _paired_table(variants: dict[str, dict[str, Any]], before: str, after: str) -> str:
@@ -423,12 +388,12 @@ def _paired_table(variants: dict[str, dict[str, Any]], before: str, after: str) 
     for v, c in variants.items():
         if not c.get("n"):
             continue
+        a, b, d = c["a"], c["b"], c["diff"]
         rows.append(
-            f"<tr><td>{html.escape(v)}</td><td>{_pct(c['before'])} [{_pct(c['before_ci'][0])}, "
-            f"{_pct(c['before_ci'][1])}]</td><td>{_pct(c['after'])} [{_pct(c['after_ci'][0])}, "
-            f"{_pct(c['after_ci'][1])}]</td><td>{c['diff'] * 100:+.1f} [{c['diff_ci'][0] * 100:+.1f}, "
-            f"{c['diff_ci'][1] * 100:+.1f}]</td><td>{c['gained']} / {c['lost']}</td>"
-            f"<td>{c['mcnemar_p']:.3g}</td></tr>")
+            f"<tr><td>{html.escape(v)}</td><td>{_pct(a['value'])} [{_pct(a['low'])}, {_pct(a['high'])}]</td>"
+            f"<td>{_pct(b['value'])} [{_pct(b['low'])}, {_pct(b['high'])}]</td><td>{d['value'] * 100:+.1f} "
+            f"[{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]</td><td>{c['gained']} / {c['lost']}</td>"
+            f"<td>{c['p_value']:.3g}</td></tr>")
     return "".join(rows) + "</table>"
 
 
@@ -465,7 +430,7 @@ def write_html(path: Path, rep: dict[str, Any]) -> None:
             parts.append(f"<p>failed: {html.escape(ev['error'])}</p>")
         else:
             parts.append(f"<p>{html.escape(str(ev['config']))}, {ev['items']} items; 95% intervals (Wilson for "
-                         "accuracies, paired normal for the difference), exact McNemar test.</p>")
+                         "accuracies, paired bootstrap for the difference), exact McNemar test.</p>")
             parts.append(_paired_table(ev["variants"], "before", "after"))
             if ev.get("ema"):
                 parts.append(f"<h3>Weight average (ema_decay {rep['ema_decay']:g}) against the last weights</h3>"

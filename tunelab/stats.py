@@ -1,36 +1,42 @@
-"""Statistics for comparing prompt variants: intervals, paired tests and multiple-comparison correction.
+"""The statistics of every comparison tunelab reports: intervals, paired tests, multiple-comparison correction
+and the words a verdict is given in.
 
-Pure functions over plain sequences / numpy arrays. Every interval is returned as an :class:`Interval`
-(point estimate plus ``[low, high]``) so callers can report ``value [low, high]`` the same way everywhere.
+One module for eval (prompt variants), train (before/after), generate (teacher labels) and run (tuned models
+against the best prompt), so the same comparison gives the same interval and verdict everywhere. Pure
+functions over plain sequences / numpy arrays; scipy does the distributions. Every interval is an
+:class:`Interval` (point estimate plus ``[low, high]``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy import stats as _st
 
-__all__ = ["Interval", "McNemarResult", "wilson_interval", "bootstrap_ci", "mcnemar_exact",
-           "paired_bootstrap_diff", "holm_adjust"]
+__all__ = ["Interval", "McNemarResult", "PairedComparison", "wilson_interval", "proportion", "bootstrap_ci",
+           "mcnemar_exact", "paired_bootstrap_diff", "paired_comparison", "holm_adjust", "with_holm", "verdict",
+           "format_p", "paired_sentence"]
 
 # A statistic for the bootstrap: takes the resampled arrays, each of shape (B, n, ...) (B resamples of the
 # n units along the first axis), and returns shape (B,).
 Statistic = Callable[..., np.ndarray]
 
 
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with a confidence interval."""
+class Interval(BaseModel):
+    """A point estimate with a confidence interval (JSON: ``{"value", "low", "high"}``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     value: float
     low: float
     high: float
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,12 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def proportion(successes: int, n: int, confidence: float = 0.95) -> Interval:
+    """k/n with its Wilson interval (n = 0: value 0.0 in the uninformative [0, 1])."""
+    low, high = wilson_interval(successes, n, confidence)
+    return Interval(value=successes / n if n else 0.0, low=low, high=high)
+
+
 def _mean_stat(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).mean(axis=1)
 
@@ -124,7 +136,7 @@ def bootstrap_ci(data: Sequence | np.ndarray | tuple[Sequence | np.ndarray, ...]
         raise ValueError(f"statistic must return one value per resample, shape ({n_boot},), got {boots.shape}")
     alpha = 1.0 - confidence
     low, high = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
-    return Interval(value, float(low), float(high))
+    return Interval(value=value, low=float(low), high=float(high))
 
 
 def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> McNemarResult:
@@ -180,3 +192,107 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
         scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
         out[order] = np.maximum.accumulate(scaled)
     return [float(x) for x in out]
+
+
+# --------------------------------------------------------------------------------------------------
+# one paired comparison: B against A on the same items
+# --------------------------------------------------------------------------------------------------
+class PairedComparison(BaseModel):
+    """B against A on the items both scored, one binary outcome (right / wrong) per item.
+
+    ``a``, ``b``: each side's accuracy with its Wilson interval; ``diff``: mean(b_i - a_i) with a percentile
+    bootstrap interval over items; ``gained``: items A got wrong and B right, ``lost``: the reverse (the
+    discordant pairs of the exact McNemar test, whose p-value is ``p_value``). ``p_holm`` is set when the
+    comparison is one of a family (:func:`with_holm`); ``significant`` is (p_holm or p_value) < alpha.
+    ``n = 0`` (no common item) leaves the intervals None.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int
+    a: Interval | None = None
+    b: Interval | None = None
+    diff: Interval | None = None
+    gained: int = 0
+    lost: int = 0
+    p_value: float = 1.0
+    p_holm: float | None = None
+    alpha: float = 0.05
+    significant: bool = False
+
+    @property
+    def p(self) -> float:
+        """The p-value a verdict is taken on: Holm-adjusted when part of a family."""
+        return self.p_value if self.p_holm is None else self.p_holm
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.diff.value if self.diff is not None else None, self.significant) if self.n else "-"
+
+
+def paired_comparison(a: Mapping[str, bool], b: Mapping[str, bool], *, confidence: float = 0.95, seed: int = 0,
+                      n_boot: int = 2000) -> PairedComparison:
+    """B against A (per item id: right or wrong) on the ids both have, in sorted order, so that the same two
+    sets of outcomes give the same interval whichever order a caller holds them in."""
+    ids = sorted(set(a) & set(b))
+    alpha = round(1.0 - confidence, 10)
+    if not ids:
+        return PairedComparison(n=0, alpha=alpha)
+    xa = np.array([bool(a[i]) for i in ids])
+    xb = np.array([bool(b[i]) for i in ids])
+    test = mcnemar_exact(xa, xb)
+    diff = paired_bootstrap_diff(xb.astype(float), xa.astype(float), n_boot=n_boot, seed=seed,
+                                 confidence=confidence)
+    n = len(ids)
+    return PairedComparison(n=n, a=proportion(int(xa.sum()), n, confidence), b=proportion(int(xb.sum()), n, confidence),
+                            diff=diff, gained=test.c, lost=test.b, p_value=test.p_value, alpha=alpha,
+                            significant=bool(test.p_value < alpha))
+
+
+def with_holm(comparisons: Sequence[PairedComparison]) -> list[PairedComparison]:
+    """The comparisons of one family with Holm-adjusted p-values; ``significant`` follows the adjusted ones.
+    Comparisons without items (n = 0) are left out of the family and returned as they are."""
+    scored = [i for i, c in enumerate(comparisons) if c.n]
+    adjusted = holm_adjust([comparisons[i].p_value for i in scored])
+    out = list(comparisons)
+    for i, p in zip(scored, adjusted):
+        out[i] = comparisons[i].model_copy(update={"p_holm": p, "significant": bool(p < comparisons[i].alpha)})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the words
+# --------------------------------------------------------------------------------------------------
+def verdict(diff: float | None, significant: bool | None, *, best: bool = False) -> str:
+    """The one word (or two) for a comparison in every table: ``best``, ``better (significant)``,
+    ``worse (significant)``, ``tie`` (no difference), ``not significant``, or ``-`` (nothing compared)."""
+    if best:
+        return "best"
+    if diff is None:
+        return "-"
+    if significant:
+        return "better (significant)" if diff > 0 else "worse (significant)"
+    return "tie" if diff == 0 else "not significant"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as tables print it: three significant digits, ``<0.001`` below that, ``-`` for none."""
+    if p is None or p != p:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def paired_sentence(b_name: str, a_name: str, c: PairedComparison, *, test: str = "McNemar") -> str:
+    """One sentence for B against A: ``B beats A by 4.0 points (+4.0 [+1.0, +7.5], McNemar p=0.01, n=200)`` or
+    ``B vs A: -1.0 points [-3.5, +1.5], not significant (McNemar p=0.6, n=200)``. With Holm, p is the adjusted."""
+    if not c.n or c.diff is None:
+        return f"{b_name} vs {a_name}: no items in common"
+    d = c.diff
+    ps = format_p(c.p)
+    ps = ps if ps.startswith("<") else f"={ps}"
+    ci = f"[{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
+    label = f"{test} p{ps}" + (" (Holm)" if c.p_holm is not None else "") + f", n={c.n}"
+    if c.significant:
+        word = "beats" if d.value > 0 else "is worse than"
+        return f"{b_name} {word} {a_name} by {abs(d.value) * 100:.1f} points ({d.value * 100:+.1f} {ci}, {label})"
+    return f"{b_name} vs {a_name}: {d.value * 100:+.1f} points {ci}, not significant ({label})"
