@@ -21,7 +21,8 @@ Behaviour per request, picked by the model name (``fake-label``, ``fake-math``, 
 the prompt -> label; "JSON" and "instruction" in the prompt -> instruct; digits in the last user message ->
 math; else echo. A label is derived from a hash of the user message, or, with ``label_fn``, is
 ``label_fn(user message)`` (a function the test writes, e.g. the gold label of a known text, flipped for a
-chosen few; ``None`` falls back to the hash).
+chosen few; ``None`` falls back to the hash). ``answer_fn(model, user message)``, when given, answers any
+request with the text it returns (``None``: the behaviour above).
 
 Faults are deterministic: a rule hits a fixed share (``rate``) of distinct prompts, chosen by hashing the
 prompt, on their first ``attempts`` tries; a retry after that gets a normal answer. ``fault_cycle`` instead
@@ -140,6 +141,7 @@ class FakeServer:
     def __init__(self, *, latency: float = 0.0, faults: list[Fault] | tuple = (),
                  fault_cycle: list[Fault | None] | tuple = (), flaw_cycle: list[str | None] | tuple = (),
                  labels: list[str] | None = None, label_fn: Callable[[str], str | None] | None = None,
+                 answer_fn: Callable[[str, str], str | None] | None = None,
                  api_key: str | None = None, wrong_rate: float = 0.0, inconsistent_rate: float = 0.0,
                  answer_format: str = "The answer is {n}.", tasks_per_response: int = 5,
                  host: str = "127.0.0.1", port: int = 0):
@@ -151,6 +153,7 @@ class FakeServer:
         self._flaws: dict[str, str | None] = {}
         self.labels = list(labels or [])
         self.label_fn = label_fn
+        self.answer_fn = answer_fn
         self.api_key = api_key
         self.wrong_rate = wrong_rate
         self.inconsistent_rate = inconsistent_rate
@@ -409,6 +412,8 @@ class FakeServer:
                 flaw = self._flaws[km]
         if not repair and mode != "ok" and (flaw == "bad" or (self.wrong_rate and _frac("wrong", km) < self.wrong_rate)):
             return BAD_ANSWER
+        if self.answer_fn is not None and (text := self.answer_fn(model, km)) is not None:
+            return text
         if mode == "label":
             if self.label_fn is not None:
                 lab = self.label_fn(km)

@@ -130,63 +130,60 @@ def eval_cmd(
     with _new_progress() as progress:
         runner.progress = _progress_factory(progress)
         summary, rows = runner.run()
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
+    summary.write(out / "summary.json")
     _print_table(summary)
     console.print(f"results: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
     if report:
         from tunelab.report.html import write_report
 
-        write_report(out / "report.html", summary, rows, title=summary["title"])
+        write_report(out / "report.html", summary, rows, title=summary.title)
         console.print(f"report: {out / 'report.html'}")
 
 
-def _print_dry_run(plans: list[dict]) -> None:
+def _print_dry_run(plans: list) -> None:
     t = Table(title="dry run: nothing was called")
     for col in ("variant", "model", "mode", "items", "samples", "prompt tokens", "max output tokens", "cost"):
         t.add_column(col, justify="right" if col not in ("variant", "model", "mode") else "left")
     for p in plans:
-        cost = f"${p['cost_usd']:.4f}" if p["cost_usd"] is not None else "-"
-        t.add_row(p["variant"], p["model"], p["mode"], str(p["items"]), str(p["samples"]),
-                  f"{p['prompt_tokens']:,}", f"{p['max_output_tokens']:,}", cost)
+        cost = f"${p.cost_usd:.4f}" if p.cost_usd is not None else "-"
+        t.add_row(p.variant, p.model, p.mode, str(p.items), str(p.samples), f"{p.prompt_tokens:,}",
+                  f"{p.max_output_tokens:,}", cost)
     console.print(t)
-    total = sum(p["cost_usd"] or 0 for p in plans)
-    if any(p["cost_usd"] is not None for p in plans):
+    total = sum(p.cost_usd or 0 for p in plans)
+    if any(p.cost_usd is not None for p in plans):
         console.print(f"estimated cost at most: ${total:.4f}")
 
 
-def _fmt_metric(m: dict | None) -> str:
+def _fmt_metric(m) -> str:
     if not m:
         return "-"
-    return f"{m['value'] * 100:.1f} [{m['low'] * 100:.1f}, {m['high'] * 100:.1f}]"
+    return f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
 
 
-def _print_table(summary: dict) -> None:
-    from tunelab.stats import format_p, verdict
-
-    metric = summary["metric"]
-    t = Table(title=f"{summary['title']}: {summary['dataset']} ({summary['n_items']} items, task {summary['task']})")
+def _print_table(summary) -> None:
+    """The eval's results table (an EvalSummary) on stdout."""
+    metric = summary.metric
+    t = Table(title=f"{summary.title}: {summary.dataset} ({summary.n_items} items, task {summary.task})")
     cols = ["variant", "model", "mode", f"{metric} % [95% CI]"]
-    if summary["task"] == "label":
+    if summary.task == "label":
         cols.append("macro-F1 %")
     cols += ["compliance %", "tok/item", "ms/item", "p vs best", "verdict"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("variant", "model", "mode", "verdict") else "right")
-    best = summary.get("best") or {}
-    for c in summary["cells"]:
-        comp = c.get("comparison") or {}
-        is_best = c["variant"] == best.get("variant") and c["model"] == best.get("model")
-        word = verdict(comp.get("diff"), comp.get("significant"), best=is_best) if comp or is_best else "-"
-        style = "bold green" if is_best else "red" if comp.get("significant") else ""
-        shown = f"[{style}]{word}[/]" if style else word
-        row = [c["variant"], c["model"], c.get("mode", ""), _fmt_metric(c["metrics"].get(metric))]
-        if summary["task"] == "label":
-            row.append(_fmt_metric(c["metrics"].get("macro_f1")))
-        row += [_fmt_metric(c["metrics"].get("compliance")), f"{c['tokens']['prompt_mean']:.0f}",
-                f"{c['latency_ms']['mean']:.0f}",
-                "-" if is_best or not comp else format_p(comp.get("p_holm", comp.get("p_value"))), shown]
+    from tunelab.stats import format_p
+
+    for c in summary.cells:
+        comp, is_best = c.comparison, summary.is_best(c)
+        word = summary.cell_verdict(c)
+        style = "bold green" if is_best else "red" if comp is not None and comp.significant else ""
+        row = [c.variant, c.model, c.mode, _fmt_metric(c.metrics.get(metric))]
+        if summary.task == "label":
+            row.append(_fmt_metric(c.metrics.get("macro_f1")))
+        row += [_fmt_metric(c.metrics.get("compliance")), f"{c.tokens.prompt_mean:.0f}", f"{c.latency_ms.mean:.0f}",
+                "-" if is_best or comp is None else format_p(comp.p), f"[{style}]{word}[/]" if style else word]
         t.add_row(*row)
     console.print(t)
-    for n in summary.get("notes", []):
+    for n in summary.notes:
         console.print(f"  - {n}", highlight=False)
 
 

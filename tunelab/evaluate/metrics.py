@@ -1,9 +1,8 @@
-"""Metrics over the per-item result rows of one eval cell (one variant x model x dataset), and the
-comparison of every cell to the best one.
+"""Metrics over the per-item result rows (:class:`~tunelab.evaluate.results.EvalRow`) of one eval cell (one
+variant x model x dataset), and the comparison of every cell to the best one.
 
-A row is a dict with ``item_id``, ``sample`` (0..N-1 with repeated sampling), ``gold``, ``prediction``,
-``correct`` (None without gold), ``complied``, ``prompt_tokens``, ``completion_tokens``, ``latency_ms``,
-``cached`` and, for json tasks, ``json_parsed``. Everything returned is JSON-serialisable.
+A row's ``sample`` is 0..N-1 with repeated sampling; ``correct`` is None without gold. The cell's numbers are a
+:class:`~tunelab.evaluate.results.CellStats`, each comparison a :class:`~tunelab.evaluate.results.CellComparison`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tunelab.stats import bootstrap_ci, holm_adjust, mcnemar_exact, wilson_interval
+from tunelab.evaluate.results import (CellComparison, CellStats, Confusion, EvalRow, LabelScores, LatencyStats,
+                                      TokenStats)
+from tunelab.stats import Interval, bootstrap_ci, holm_adjust, mcnemar_exact, proportion
 
 __all__ = ["INVALID", "confusion_matrix", "macro_f1", "per_label_scores", "summarize_cell", "compare_to_best"]
 
@@ -103,39 +104,37 @@ def per_label_scores(gold: Sequence[Any], pred: Sequence[Any], labels: Sequence[
 # --------------------------------------------------------------------------------------------------
 # one cell
 # --------------------------------------------------------------------------------------------------
-def _wilson(flags: Sequence[bool], confidence: float) -> dict[str, float]:
-    k, n = int(sum(bool(f) for f in flags)), len(flags)
-    low, high = wilson_interval(k, n, confidence)
-    return {"value": k / n if n else 0.0, "low": low, "high": high}
+def _wilson(flags: Sequence[bool], confidence: float) -> Interval:
+    return proportion(int(sum(bool(f) for f in flags)), len(flags), confidence)
 
 
-def _by_item(rows: Sequence[dict]) -> dict[str, list[dict]]:
-    items: dict[str, list[dict]] = defaultdict(list)
+def _by_item(rows: Sequence[EvalRow]) -> dict[str, list[EvalRow]]:
+    items: dict[str, list[EvalRow]] = defaultdict(list)
     for r in rows:
-        items[str(r["item_id"])].append(r)
+        items[r.item_id].append(r)
     return items
 
 
-def _pass_rates(rows: Sequence[dict], field: str = "correct") -> dict[str, float]:
+def _pass_rates(rows: Sequence[EvalRow], field: str = "correct") -> dict[str, float]:
     """Per item: the fraction of its samples where ``field`` is true (rows with ``field`` None skipped)."""
     rates = {}
     for item, rs in _by_item(rows).items():
-        vals = [bool(r[field]) for r in rs if r.get(field) is not None]
+        vals = [bool(v) for r in rs if (v := getattr(r, field)) is not None]
         if vals:
             rates[item] = sum(vals) / len(vals)
     return rates
 
 
-def _n_samples(rows: Sequence[dict]) -> int:
-    return max((int(r.get("sample", 0)) for r in rows), default=0) + 1
+def _n_samples(rows: Sequence[EvalRow]) -> int:
+    return max((r.sample for r in rows), default=0) + 1
 
 
 def _percentile(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if len(x) else 0.0
 
 
-def summarize_cell(rows: Sequence[dict], task: str, labels: list[str] | None, *, confidence: float = 0.95,
-                   n_boot: int = 2000, seed: int = 0) -> dict:
+def summarize_cell(rows: Sequence[EvalRow], task: str, labels: list[str] | None, *, confidence: float = 0.95,
+                   n_boot: int = 2000, seed: int = 0) -> CellStats:
     """All metrics of one cell, each with a ``confidence`` interval.
 
     - accuracy: over rows with ``correct`` not None (omitted if there are none). One sample per item:
@@ -153,62 +152,62 @@ def summarize_cell(rows: Sequence[dict], task: str, labels: list[str] | None, *,
     items = _by_item(rows)
     n_samples = _n_samples(rows)
     out: dict[str, Any] = {"n_items": len(items), "n_samples": n_samples}
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, Interval] = {}
 
-    scored = [r for r in rows if r.get("correct") is not None]
+    scored = [r for r in rows if r.correct is not None]
     if scored:
         if n_samples == 1:
-            metrics["accuracy"] = _wilson([r["correct"] for r in scored], confidence)
+            metrics["accuracy"] = _wilson([r.correct for r in scored], confidence)
         else:
             rates = _pass_rates(scored)
-            ci = bootstrap_ci(np.array(list(rates.values())), n_boot=n_boot, seed=seed, confidence=confidence)
-            metrics["accuracy"] = ci.as_dict()
+            metrics["accuracy"] = bootstrap_ci(np.array(list(rates.values())), n_boot=n_boot, seed=seed,
+                                               confidence=confidence)
             out["pass_rate"] = rates
             out["flaky_items"] = sum(0.0 < v < 1.0 for v in rates.values())
 
     if task == "label" and labels:
-        gold_rows = [r for r in rows if r.get("gold") is not None]
+        gold_rows = [r for r in rows if r.gold is not None]
         if gold_rows:
-            gold = [r["gold"] for r in gold_rows]
-            pred = [r.get("prediction") for r in gold_rows]
+            gold = [r.gold for r in gold_rows]
+            pred = [r.prediction for r in gold_rows]
             metrics["macro_f1"] = _macro_f1_ci(gold_rows, labels, n_samples, confidence, n_boot, seed)
-            out["confusion"] = {"labels": [*labels, INVALID], "matrix": confusion_matrix(gold, pred, labels)}
-            out["per_label"] = per_label_scores(gold, pred, labels)
+            out["confusion"] = Confusion(labels=[*labels, INVALID], matrix=confusion_matrix(gold, pred, labels))
+            out["per_label"] = {k: LabelScores(**v) for k, v in per_label_scores(gold, pred, labels).items()}
 
-    metrics["compliance"] = _wilson([bool(r.get("complied")) for r in rows], confidence)
+    metrics["compliance"] = _wilson([r.complied for r in rows], confidence)
     if task == "json":
-        metrics["json_valid"] = _wilson([bool(r.get("json_parsed", r.get("complied"))) for r in rows], confidence)
-        metrics["schema_valid"] = dict(metrics["compliance"])
+        metrics["json_valid"] = _wilson([bool(r.complied if r.json_parsed is None else r.json_parsed) for r in rows],
+                                        confidence)
+        metrics["schema_valid"] = metrics["compliance"]
     out["metrics"] = metrics
 
-    pt = np.array([int(r.get("prompt_tokens") or 0) for r in rows])
-    ct = np.array([int(r.get("completion_tokens") or 0) for r in rows])
-    out["tokens"] = {"prompt_mean": float(pt.mean()), "completion_mean": float(ct.mean()),
-                     "prompt_total": int(pt.sum()), "completion_total": int(ct.sum())}
-    fresh = [r for r in rows if not r.get("cached")] or list(rows)
-    lat = np.array([float(r.get("latency_ms") or 0.0) for r in fresh])
-    out["latency_ms"] = {"mean": float(lat.mean()), "p50": _percentile(lat, 50), "p95": _percentile(lat, 95),
-                         "measured": len(fresh)}
-    out["cached"] = sum(bool(r.get("cached")) for r in rows)
-    return out
+    pt = np.array([r.prompt_tokens for r in rows])
+    ct = np.array([r.completion_tokens for r in rows])
+    out["tokens"] = TokenStats(prompt_mean=float(pt.mean()), completion_mean=float(ct.mean()),
+                               prompt_total=int(pt.sum()), completion_total=int(ct.sum()))
+    fresh = [r for r in rows if not r.cached] or list(rows)
+    lat = np.array([r.latency_ms for r in fresh])
+    out["latency_ms"] = LatencyStats(mean=float(lat.mean()), p50=_percentile(lat, 50), p95=_percentile(lat, 95),
+                                     measured=len(fresh))
+    out["cached"] = sum(r.cached for r in rows)
+    return CellStats(**out)
 
 
-def _macro_f1_ci(gold_rows: list[dict], labels: list[str], n_samples: int, confidence: float,
-                 n_boot: int, seed: int) -> dict[str, float]:
+def _macro_f1_ci(gold_rows: list[EvalRow], labels: list[str], n_samples: int, confidence: float,
+                 n_boot: int, seed: int) -> Interval:
     """Macro-F1 with a bootstrap CI over items; with balanced repeats the samples of an item move together."""
     k = len(labels)
     items = _by_item(gold_rows)
     sizes = {len(rs) for rs in items.values()}
     if n_samples > 1 and len(sizes) == 1:  # (n_items, S): resample items, keep their samples
-        ordered = [sorted(rs, key=lambda r: int(r.get("sample", 0))) for rs in items.values()]
-        g = np.stack([_codes([r["gold"] for r in rs], labels) for rs in ordered])
-        p = np.stack([_codes([r.get("prediction") for r in rs], labels) for rs in ordered])
+        ordered = [sorted(rs, key=lambda r: r.sample) for rs in items.values()]
+        g = np.stack([_codes([r.gold for r in rs], labels) for rs in ordered])
+        p = np.stack([_codes([r.prediction for r in rs], labels) for rs in ordered])
     else:
-        g = _codes([r["gold"] for r in gold_rows], labels)
-        p = _codes([r.get("prediction") for r in gold_rows], labels)
-    ci = bootstrap_ci((g, p), lambda gb, pb: _macro_f1_codes(gb, pb, k), n_boot=n_boot, seed=seed,
-                      confidence=confidence)
-    return ci.as_dict()
+        g = _codes([r.gold for r in gold_rows], labels)
+        p = _codes([r.prediction for r in gold_rows], labels)
+    return bootstrap_ci((g, p), lambda gb, pb: _macro_f1_codes(gb, pb, k), n_boot=n_boot, seed=seed,
+                        confidence=confidence)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,41 +217,42 @@ def _outcome_field(metric: str) -> str:
     return {"compliance": "complied", "schema_valid": "complied", "json_valid": "json_parsed"}.get(metric, "correct")
 
 
-def _metric_value(rows: Sequence[dict], metric: str, labels: Sequence[str] | None = None) -> float | None:
+def _metric_value(rows: Sequence[EvalRow], metric: str, labels: Sequence[str] | None = None) -> float | None:
     """The point value of ``metric`` for one cell (as summarize_cell computes it), None if undefined."""
     if metric == "macro_f1":
-        gold_rows = [r for r in rows if r.get("gold") is not None]
+        gold_rows = [r for r in rows if r.gold is not None]
         if not gold_rows:
             return None
         if labels is None:  # the labels seen in gold or predicted
-            labels = sorted({str(r["gold"]) for r in gold_rows}
-                            | {str(r["prediction"]) for r in gold_rows if r.get("prediction") is not None})
-        return macro_f1([r["gold"] for r in gold_rows], [r.get("prediction") for r in gold_rows], labels)
-    rates = _pass_rates(rows, _outcome_field(metric))
+            labels = sorted({str(r.gold) for r in gold_rows}
+                            | {str(r.prediction) for r in gold_rows if r.prediction is not None})
+        return macro_f1([r.gold for r in gold_rows], [r.prediction for r in gold_rows], labels)
+    field = _outcome_field(metric)
+    rates = _pass_rates(rows, field)
     if not rates:
         return None
     if _n_samples(rows) > 1:
         return float(np.mean(list(rates.values())))
-    vals = [bool(r[_outcome_field(metric)]) for r in rows if r.get(_outcome_field(metric)) is not None]
+    vals = [bool(v) for r in rows if (v := getattr(r, field)) is not None]
     return sum(vals) / len(vals)
 
 
-def _item_outcomes(rows: Sequence[dict], field: str) -> dict[str, bool]:
+def _item_outcomes(rows: Sequence[EvalRow], field: str) -> dict[str, bool]:
     """Per item one binary outcome: sample 0, or the majority (pass rate > 1/2) with repeated sampling."""
     if _n_samples(rows) == 1:
-        return {str(r["item_id"]): bool(r[field]) for r in rows if r.get(field) is not None}
+        return {r.item_id: bool(v) for r in rows if (v := getattr(r, field)) is not None}
     return {item: rate > 0.5 for item, rate in _pass_rates(rows, field).items()}
 
 
-def compare_to_best(cells: dict[str, list[dict]], metric: str = "accuracy", *, alpha: float = 0.05,
-                    labels: Sequence[str] | None = None) -> dict[str, dict]:
+def compare_to_best(cells: dict[str, list[EvalRow]], metric: str = "accuracy", *, alpha: float = 0.05,
+                    labels: Sequence[str] | None = None) -> dict[str, CellComparison]:
     """Compare every cell to the best one by ``metric`` with an exact McNemar test, Holm-adjusted.
 
     The best cell is the one with the highest metric value (first wins ties). Each other cell is paired
     with it on the items both scored (by item_id; one outcome per item: sample 0, or the per-item
     majority with repeats). The test is on correctness (``complied`` for compliance/schema_valid,
     ``json_parsed`` for json_valid). ``diff`` = cell value - best value (<= 0, a fraction);
-    ``b`` = items the best got right and this cell wrong, ``c`` the reverse. The Holm correction runs
+    ``lost`` = items the best got right and this cell wrong, ``gained`` the reverse. The Holm correction runs
     over all comparisons; ``significant`` = p_holm < alpha. The best gets ``vs: None``. Cells where the
     metric is undefined (e.g. no gold) are left out. ``labels`` (macro_f1 only) defaults to the labels
     seen in each cell's gold and predictions.
@@ -265,16 +265,16 @@ def compare_to_best(cells: dict[str, list[dict]], metric: str = "accuracy", *, a
     best = max(values, key=lambda name: values[name])  # max keeps the first of equal values
     field = _outcome_field(metric)
     best_out = _item_outcomes(cells[best], field)
-    out: dict[str, dict] = {best: {"vs": None, "diff": 0.0, "p_value": 1.0, "p_holm": 1.0, "significant": False,
-                                   "b": 0, "c": 0, "n_paired": len(best_out)}}
+    out = {best: CellComparison(vs=None, diff=0.0, p_value=1.0, p_holm=1.0, significant=False, lost=0, gained=0,
+                                n=len(best_out))}
     others = [name for name in values if name != best]
+    tests = {}
     for name in others:
         mine = _item_outcomes(cells[name], field)
         common = [i for i in best_out if i in mine]
-        test = mcnemar_exact([best_out[i] for i in common], [mine[i] for i in common])
-        out[name] = {"vs": best, "diff": values[name] - values[best], "p_value": test.p_value,
-                     "b": test.b, "c": test.c, "n_paired": len(common)}
-    for name, p in zip(others, holm_adjust([out[n]["p_value"] for n in others])):
-        out[name]["p_holm"] = p
-        out[name]["significant"] = bool(p < alpha)
+        tests[name] = (mcnemar_exact([best_out[i] for i in common], [mine[i] for i in common]), len(common))
+    for name, p in zip(others, holm_adjust([tests[n][0].p_value for n in others])):
+        test, n = tests[name]
+        out[name] = CellComparison(vs=best, diff=values[name] - values[best], p_value=test.p_value, p_holm=p,
+                                   significant=bool(p < alpha), lost=test.b, gained=test.c, n=n)
     return out

@@ -21,6 +21,7 @@ from tunelab.config import EvalConfig, ModelConfig, load_yaml, validate_as
 from tunelab.data.io import JsonlAppender, read_records, record_location
 from tunelab.errors import ConfigError, DataError
 from tunelab.evaluate.cache import CallCache, prompt_hash
+from tunelab.evaluate.results import Best, Cell, DryRunPlan, EvalRow, EvalSummary
 from tunelab.models import GenerationParams, ModelBackend, load_model
 from tunelab.prompts import PromptSpec, load_prompt_spec
 
@@ -162,7 +163,7 @@ class EvalRunner:
                                 stop=tuple(g.stop), seed=g.seed + sample if g.temperature > 0 else None)
 
     # -- dry run -------------------------------------------------------------------------------------
-    def dry_run(self) -> list[dict]:
+    def dry_run(self) -> list[DryRunPlan]:
         """Items, token estimate and (for priced API models) cost per cell, before anything runs."""
         plans = []
         for m in self.model_cfgs:
@@ -175,21 +176,23 @@ class EvalRunner:
                 out_tokens = (len(v.spec.labels or []) * 3 if mode == "loglik"
                               else self.cfg.generation.max_new_tokens) * len(msgs) * samples
                 cost = model.cost(prompt_tokens * samples, out_tokens) if hasattr(model, "cost") else None
-                plans.append({"variant": v.name, "model": m.display, "mode": mode, "items": len(msgs),
-                              "samples": samples, "prompt_tokens": prompt_tokens * samples,
-                              "max_output_tokens": out_tokens, "cost_usd": cost})
+                plans.append(DryRunPlan(variant=v.name, model=m.display, mode=mode, items=len(msgs), samples=samples,
+                                        prompt_tokens=prompt_tokens * samples, max_output_tokens=out_tokens,
+                                        cost_usd=cost))
         return plans
 
     # -- run -----------------------------------------------------------------------------------------
-    def run(self) -> tuple[dict, list[dict]]:
+    def run(self) -> tuple[EvalSummary, list[EvalRow]]:
+        """Every cell; the rows go to OUT/results.jsonl as they come, the summary is returned (the caller writes
+        it, with anything it adds)."""
         from tunelab.evaluate.metrics import compare_to_best, summarize_cell
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         partial = self.out_dir / "results.partial.jsonl"
         partial.unlink(missing_ok=True)
-        all_rows: list[dict] = []
-        cells: list[dict] = []
-        by_cell: dict[str, list[dict]] = {}
+        all_rows: list[EvalRow] = []
+        cells: list[Cell] = []
+        by_cell: dict[str, list[EvalRow]] = {}
         with JsonlAppender(partial) as out:
             for m in self.model_cfgs:
                 model = self._load(m)
@@ -199,36 +202,34 @@ class EvalRunner:
                     rows = self._run_cell(v, m, model, mode)
                     wall = time.perf_counter() - t0
                     for r in rows:
-                        out.write(r)
+                        out.write(r.model_dump(mode="json"))
                     all_rows += rows
                     key = f"{v.name} @ {m.display}"
                     by_cell[key] = rows
-                    cell = summarize_cell(rows, self.task, v.spec.labels, confidence=self.cfg.confidence,
-                                          seed=self.cfg.seed)
+                    stats = summarize_cell(rows, self.task, v.spec.labels, confidence=self.cfg.confidence,
+                                           seed=self.cfg.seed)
                     first = v.spec.render(self.dataset.items[0])
-                    cell.update(variant=v.name, model=m.display, mode=mode, spec_hash=v.spec.content_hash(),
-                                wall_s=round(wall, 3), prompt_preview=_preview(first))
-                    cells.append(cell)
+                    cells.append(Cell(**dict(stats), variant=v.name, model=m.display, mode=mode,
+                                      spec_hash=v.spec.content_hash(), wall_s=round(wall, 3),
+                                      prompt_preview=_preview(first)))
                     self.log(f"{key}: done in {wall:.1f}s")
         metric = self.cfg.metric
-        if any(metric in c["metrics"] for c in cells):
+        if any(metric in c.metrics for c in cells):
             comparisons = compare_to_best(by_cell, metric=metric)
             for c in cells:
-                c["comparison"] = comparisons.get(f"{c['variant']} @ {c['model']}")
+                c.comparison = comparisons.get(c.key)
         best = _best(cells, metric)
-        summary = {
-            "title": self.cfg.name, "description": self.cfg.description,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "dataset": str(self.dataset.name), "dataset_path": str(self.dataset.path),
-            "n_items": len(self.dataset.items), "task": self.task, "labels": self.variants[0].spec.labels,
-            "metric": metric, "cells": cells, "best": best, "notes": _notes(cells, best, metric),
-            "config": self.cfg.model_dump(mode="json"), "environment": _environment(),
-        }
+        summary = EvalSummary(
+            title=self.cfg.name, description=self.cfg.description,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            dataset=str(self.dataset.name), dataset_path=str(self.dataset.path), n_items=len(self.dataset.items),
+            task=self.task, labels=self.variants[0].spec.labels, metric=metric, cells=cells, best=best,
+            notes=_notes(cells, best, metric), config=self.cfg.model_dump(mode="json"), environment=_environment())
         os.replace(partial, self.out_dir / "results.jsonl")
         self.cache.close()
         return summary, all_rows
 
-    def _run_cell(self, v: Variant, m: ModelConfig, model: ModelBackend, mode: str) -> list[dict]:
+    def _run_cell(self, v: Variant, m: ModelConfig, model: ModelBackend, mode: str) -> list[EvalRow]:
         spec, items, ids = v.spec, self.dataset.items, self.dataset.ids
         msgs = [spec.render(it) for it in items]
         hashes = [prompt_hash(x) for x in msgs]
@@ -246,11 +247,11 @@ class EvalRunner:
             for i, (a, cached) in enumerate(answers):
                 lp = a["logprobs"]
                 pred = labels[max(range(len(lp)), key=lp.__getitem__)]
-                rows.append({**base[i], "sample": 0, "raw_output": pred, "prediction": pred,
-                             "correct": spec.is_correct(pred, base[i]["gold"]), "complied": True,
-                             "scores": dict(zip(labels, [round(x, 4) for x in lp])), "cached": cached,
-                             "prompt_tokens": a["prompt_tokens"], "completion_tokens": a["completion_tokens"],
-                             "latency_ms": 0.0 if cached else round(a["latency_ms"], 2)})
+                rows.append(EvalRow(**base[i], sample=0, raw_output=pred, prediction=pred,
+                                    correct=spec.is_correct(pred, base[i]["gold"]), complied=True,
+                                    scores=dict(zip(labels, [round(x, 4) for x in lp])), cached=cached,
+                                    prompt_tokens=a["prompt_tokens"], completion_tokens=a["completion_tokens"],
+                                    latency_ms=0.0 if cached else round(a["latency_ms"], 2)))
             return rows
         rows = []
         for s in range(self.cfg.generation.samples):
@@ -264,16 +265,16 @@ class EvalRunner:
                 for g in model.generate([msgs[i] for i in idx], p, progress=adv)])
             for i, (a, cached) in enumerate(answers):
                 parsed = spec.parse(a["text"])
-                row = {**base[i], "sample": s, "raw_output": a["text"], "prediction": parsed.prediction,
-                       "correct": spec.is_correct(parsed.prediction, base[i]["gold"]) if parsed.prediction is not None
-                       and base[i]["gold"] is not None else (False if base[i]["gold"] is not None else None),
-                       "complied": parsed.complied, "parse_error": parsed.error, "cached": cached,
-                       "finish_reason": a.get("finish_reason"),
-                       "prompt_tokens": a["prompt_tokens"], "completion_tokens": a["completion_tokens"],
-                       "latency_ms": 0.0 if cached else round(a["latency_ms"], 2)}
-                if spec.task == "json":
-                    row["json_parsed"] = getattr(parsed, "json_parsed", parsed.prediction is not None)
-                rows.append(row)
+                gold = base[i]["gold"]
+                correct = (spec.is_correct(parsed.prediction, gold) if parsed.prediction is not None
+                           else False) if gold is not None else None
+                rows.append(EvalRow(
+                    **base[i], sample=s, raw_output=a["text"], prediction=parsed.prediction, correct=correct,
+                    complied=parsed.complied, parse_error=parsed.error, cached=cached,
+                    finish_reason=a.get("finish_reason"), prompt_tokens=a["prompt_tokens"],
+                    completion_tokens=a["completion_tokens"], latency_ms=0.0 if cached else round(a["latency_ms"], 2),
+                    json_parsed=getattr(parsed, "json_parsed", parsed.prediction is not None)
+                    if spec.task == "json" else None))
         return rows
 
     def _cached_call(self, keys: list[str], desc: str,
@@ -293,32 +294,30 @@ def _preview(messages: list[dict]) -> str:
     return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
 
 
-def _best(cells: list[dict], metric: str) -> dict | None:
-    scored = [c for c in cells if metric in c["metrics"]]
+def _best(cells: list[Cell], metric: str) -> Best | None:
+    scored = [c for c in cells if metric in c.metrics]
     if not scored:
         return None
-    b = max(scored, key=lambda c: c["metrics"][metric]["value"])
-    return {"variant": b["variant"], "model": b["model"], "metric": metric, "value": b["metrics"][metric]["value"]}
+    b = max(scored, key=lambda c: c.metrics[metric].value)
+    return Best(variant=b.variant, model=b.model, metric=metric, value=b.metrics[metric].value)
 
 
-def _notes(cells: list[dict], best: dict | None, metric: str) -> list[str]:
-    from tunelab.stats import format_p, verdict
+def _notes(cells: list[Cell], best: Best | None, metric: str) -> list[str]:
+    from tunelab.stats import format_p
 
     notes = []
     if best is None:
         return ["No gold answers in the dataset: only compliance, tokens and latency are reported."]
     for c in cells:
-        comp = c.get("comparison") or {}
-        if comp.get("vs") is None:
+        comp = c.comparison
+        if comp is None or comp.vs is None:
             continue
-        d = c["metrics"][metric]["value"] - best["value"]
-        notes.append(f"{c['variant']} @ {c['model']} vs best: {d * 100:+.1f} points "
-                     f"(McNemar p={format_p(comp.get('p_value'))}, Holm p={format_p(comp.get('p_holm'))}, "
-                     f"{verdict(d, comp.get('significant'))})")
-    labels_chance = [c for c in cells if c.get("confusion")]
+        notes.append(f"{c.key} vs best: {comp.diff * 100:+.1f} points (McNemar p={format_p(comp.p_value)}, "
+                     f"Holm p={format_p(comp.p_holm)}, {comp.verdict})")
+    labels_chance = [c for c in cells if c.confusion is not None]
     if labels_chance:
-        k = len(labels_chance[0]["confusion"]["labels"]) - 1
-        if k > 0 and best["value"] < 1.0 / k + 0.1:
-            notes.append(f"The best accuracy ({best['value']:.1%}) is near chance ({1 / k:.1%} for {k} labels): "
+        k = len(labels_chance[0].confusion.labels) - 1
+        if k > 0 and best.value < 1.0 / k + 0.1:
+            notes.append(f"The best accuracy ({best.value:.1%}) is near chance ({1 / k:.1%} for {k} labels): "
                          "prompting alone does not solve this task with this model.")
     return notes

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tunelab.generate.results import GenerateDryRun, GenerateStats
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -63,68 +65,66 @@ def generate_cmd(
     finally:
         if progress is not None:
             progress.stop()
-    if stats.get("dry_run"):
+    if isinstance(stats, GenerateDryRun):
         _print_dry_run(stats)
     else:
         _print_summary(stats)
 
 
-def _print_dry_run(s: dict) -> None:
-    console.print(f"dry run ({s['pipeline']}, teacher {s['teacher']} at {s['endpoint']}): nothing was sent",
-                  highlight=False)
-    console.print(f"  requests to send: {s['requests_to_send']:,} ({s['already_done']:,} already in the journal)")
-    console.print(f"  prompt tokens (estimate): {s['prompt_tokens_est']:,}; completion tokens at most: "
-                  f"{s['max_completion_tokens']:,}")
-    if s.get("max_cost_usd") is not None:
-        console.print(f"  cost at most: ${s['max_cost_usd']:.4f}")
-    if s.get("note"):
-        console.print(f"  note: {s['note']}", highlight=False)
+def _print_dry_run(s: GenerateDryRun) -> None:
+    console.print(f"dry run ({s.pipeline}, teacher {s.teacher} at {s.endpoint}): nothing was sent", highlight=False)
+    console.print(f"  requests to send: {s.requests_to_send:,} ({s.already_done:,} already in the journal)")
+    console.print(f"  prompt tokens (estimate): {s.prompt_tokens_est:,}; completion tokens at most: "
+                  f"{s.max_completion_tokens:,}")
+    if s.max_cost_usd is not None:
+        console.print(f"  cost at most: ${s.max_cost_usd:.4f}")
+    if s.note:
+        console.print(f"  note: {s.note}", highlight=False)
 
 
-def _print_summary(s: dict) -> None:
-    t = Table(title=f"generate {s['name']}: {s['pipeline']}, teacher {s['teacher']['model']}", show_header=False)
+def _print_summary(s: GenerateStats) -> None:
+    t = Table(title=f"generate {s.name}: {s.pipeline}, teacher {s.teacher.model}", show_header=False)
     t.add_column("what")
     t.add_column("value")
-    r = s["requests"]
-    kept = f"{s['kept']:,}"
-    if s.get("inputs"):
-        kept += f" rows from {s['inputs']:,} inputs"
+    r = s.requests
+    kept = f"{s.kept:,}"
+    if s.inputs:
+        kept += f" rows from {s.inputs:,} inputs"
     t.add_row("kept", kept)
-    drops = s["dropped"]["by_reason"]
-    t.add_row("dropped", ", ".join(f"{k} {v}" for k, v in drops.items()) or "none")
-    if s["pending"]:
-        t.add_row("pending", f"{s['pending']:,} (rerun to finish)")
-    retries = ", ".join(f"{k}: {v}" for k, v in r["retries"].items())
-    t.add_row("answers", f"{r['fetched']:,} from the teacher, {r['from_journal']:,} resumed, {r['from_cache']:,} "
+    t.add_row("dropped", ", ".join(f"{k} {v}" for k, v in s.dropped.by_reason.items()) or "none")
+    if s.pending:
+        t.add_row("pending", f"{s.pending:,} (rerun to finish)")
+    retries = ", ".join(f"{k}: {v}" for k, v in r.retries.items())
+    t.add_row("answers", f"{r.fetched:,} from the teacher, {r.from_journal:,} resumed, {r.from_cache:,} "
                          f"cached" + (f"; retries {retries}" if retries else "")
-              + (f"; repairs {r['repairs_ok']}/{r['repairs_asked']}" if r["repairs_asked"] else ""))
-    if r["failed"]:
-        t.add_row("failed requests", ", ".join(f"{k} {v}" for k, v in r["failed"].items())
+              + (f"; repairs {r.repairs_ok}/{r.repairs_asked}" if r.repairs_asked else ""))
+    if r.failed:
+        t.add_row("failed requests", ", ".join(f"{k} {v}" for k, v in r.failed.items())
                   + " (asked again on the next run)")
-    tok = s["tokens"]
-    cost = f"; est. ${s['cost_usd']:.4f}" if s.get("cost_usd") is not None else ""
-    t.add_row("tokens", f"{tok['prompt']:,} prompt + {tok['completion']:,} completion{cost}")
-    lat = s["latency_ms"]
-    if lat.get("n"):
-        t.add_row("latency", f"p50 {lat['p50']:.0f} ms, p95 {lat['p95']:.0f} ms over {lat['n']:,} requests")
-    if "agreement_with_gold" in s:
-        a = s["agreement_with_gold"]
-        t.add_row("agreement with gold", f"{a['rate'] * 100:.1f}% of {a['n']:,}")
-    if "teacher_accuracy" in s:
-        a = s["teacher_accuracy"]
-        t.add_row("teacher accuracy", f"{a['rate'] * 100:.1f}% of {a['n']:,}")
-    if s.get("contamination"):
-        c = s["contamination"]
+    tok = s.tokens
+    cost = f"; est. ${s.cost_usd:.4f}" if s.cost_usd is not None else ""
+    t.add_row("tokens", f"{tok.prompt:,} prompt + {tok.completion:,} completion{cost}")
+    lat = s.latency_ms
+    if lat.n:
+        t.add_row("latency", f"p50 {lat.p50:.0f} ms, p95 {lat.p95:.0f} ms over {lat.n:,} requests")
+    if s.agreement_with_gold is not None:
+        a = s.agreement_with_gold
+        t.add_row("agreement with gold", f"{a.rate * 100:.1f}% of {a.n:,}")
+    if s.teacher_accuracy is not None:
+        a = s.teacher_accuracy
+        t.add_row("teacher accuracy", f"{a.rate * 100:.1f}% of {a.n:,}")
+    if s.contamination:
+        c = s.contamination
         t.add_row("contamination", f"{c['contaminated']:,} of {c['rows_checked']:,} rows overlap the eval set "
                                    f"({c['exact']} exact, {c['ngram']} {c['ngram_n']}-gram)")
     console.print(t)
-    if s.get("stopped"):
-        console.print(f"stopped early: {s['stopped']}; rerun with a larger budget to continue", highlight=False)
-    if s.get("batch_input"):
-        console.print("Batch API input: " + ", ".join(s["batch_input"]), highlight=False)
+    if s.stopped:
+        console.print(f"stopped early: {s.stopped}; rerun with a larger budget to continue", highlight=False)
+    if s.batch_input:
+        console.print("Batch API input: " + ", ".join(s.batch_input), highlight=False)
         console.print("  upload it (openai api files.create -p batch), create a batch for /v1/chat/completions, "
                       "then rerun with --batch-results RESULTS.jsonl", highlight=False)
-    for name, path in s["outputs"].items():
+    for name, path in s.outputs.items():
         console.print(f"{name}: {path}", highlight=False)
-    console.print(f"stats: {Path(s['outputs']['data']).parent / 'stats.json'}", highlight=False)
+    console.print(f"stats: {Path(s.data_path).parent / 'stats.json'}", highlight=False)
     sys.stdout.flush()

@@ -37,6 +37,7 @@ import yaml
 
 from tunelab.data.io import read_records, write_jsonl
 from tunelab.errors import ConfigError, DataError
+from tunelab.generate.results import GenerateStats
 
 Log = Callable[[str], None]
 
@@ -143,7 +144,7 @@ def _serve_bundled(model_name: str, log: Log):
 
 
 def label_with_teacher(opts: CompareOptions, raw: dict[str, Any], config_path: Path, texts_path: Path,
-                       log: Log) -> dict[str, Any]:
+                       log: Log) -> GenerateStats:
     """Run the label pipeline on ``texts_path``; returns generate's stats (written to out/teacher/stats.json)."""
     from tunelab.generate.client import redact_url
     from tunelab.generate.config import GenerateConfig
@@ -240,12 +241,11 @@ def evaluate_students(opts: CompareOptions, prompt: Path, model: str, adapters: 
     runner = EvalRunner(cfg, Path.cwd(), opts.out / "eval", limit=opts.dev_limit, use_cache=opts.use_cache, log=log)
     summary, rows = runner.run()
     release_models()
-    (opts.out / "eval" / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str)
-                                                     + "\n", encoding="utf-8")
+    summary.write(opts.out / "eval" / "summary.json")
     correct: dict[str, dict[str, bool]] = {}
     out: dict[str, Any] = {}
     for m in [x["name"] for x in models]:
-        c = {r["item_id"]: bool(r["correct"]) for r in rows if r["model"] == m and r.get("sample", 0) == 0}
+        c = {r.item_id: bool(r.correct) for r in rows if r.model == m and r.sample == 0}
         correct[m] = c
         k, n = sum(c.values()), len(c)
         ci = proportion(k, n)
@@ -346,9 +346,9 @@ def run_teacher_vs_gold(opts: CompareOptions, log: Log = print) -> dict[str, Any
     t0 = time.perf_counter()
     gstats = label_with_teacher(opts, raw, config_path, texts_path, log)
     t_label = time.perf_counter() - t0
-    if gstats.get("pending"):
-        why = gstats.get("stopped") or "failed requests"
-        raise DataError(f"{gstats['pending']} texts still wait for the teacher ({why}); rerun the same command to "
+    if gstats.pending:
+        why = gstats.stopped or "failed requests"
+        raise DataError(f"{gstats.pending} texts still wait for the teacher ({why}); rerun the same command to "
                         "finish them", where=str(opts.out / "teacher"))
     tdir = opts.out / "teacher"
     data_rows = read_records(tdir / "data.jsonl")
@@ -387,13 +387,13 @@ def run_teacher_vs_gold(opts: CompareOptions, log: Log = print) -> dict[str, Any
 
     rep0 = reports["teacher-trained"]
     summary = {
-        "teacher": {"model": gstats["teacher"]["model"], "endpoint": redact_url(gstats["teacher"]["endpoint"]),
+        "teacher": {"model": gstats.teacher.model, "endpoint": redact_url(gstats.teacher.endpoint),
                     "served_bundled_model": opts.base_url is None},
         "teacher_prompt": str(prompt), "teacher_prompt_hash": str(spec.content_hash()),
         "student_prompt": str(student_prompt), "student_prompt_hash": str(student_spec.content_hash()),
         "train_data": str(train_path), "n_requested": len(items), "n_labelled": len(data_rows),
-        "teacher_dropped": gstats["dropped"], "teacher_requests": gstats["requests"],
-        "teacher_cost_usd": gstats.get("cost_usd"), "contamination": gstats.get("contamination"),
+        "teacher_dropped": gstats.dropped.to_json(), "teacher_requests": gstats.requests.to_json(),
+        "teacher_cost_usd": gstats.cost_usd, "contamination": gstats.contamination,
         "agreement": agree,
         "recipe": {k: v for k, v in rep0["config"].items() if k in ("method", "model", "lora", "optim", "train")},
         "train": {name: {"examples": r["data"]["examples"], "tokens": r["data"]["tokens"],
@@ -409,7 +409,7 @@ def run_teacher_vs_gold(opts: CompareOptions, log: Log = print) -> dict[str, Any
                     "gold_train": str(gold_path), "eval": str(opts.out / "eval"),
                     "summary": str(opts.out / "summary.json")},
     }
-    from tunelab.generate.export import write_json
+    from tunelab.results import write_json
 
     write_json(opts.out / "summary.json", summary)
     return summary

@@ -17,6 +17,7 @@ from tunelab.errors import DataError
 from tunelab.generate.engine import Request, answer_entry
 from tunelab.generate.journal import Journal
 from tunelab.generate.quality import Drops, normalize, tokens
+from tunelab.results import write_json
 
 BATCH_MAX_REQUESTS = 50_000  # OpenAI Batch API limits per input file
 BATCH_MAX_BYTES = 190 * 1024 * 1024
@@ -25,17 +26,6 @@ BATCH_MAX_BYTES = 190 * 1024 * 1024
 # ------------------------------------------------------------------------------------------------------
 # training data
 # ------------------------------------------------------------------------------------------------------
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_outputs(out_dir: Path, rows: list, *, formats: list[str], provenance: bool) -> dict[str, str]:
     """data.jsonl (always: records + provenance), chat.jsonl and/or alpaca.json. Returns name -> path."""
     paths = {"data": out_dir / "data.jsonl"}

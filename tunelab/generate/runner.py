@@ -29,10 +29,11 @@ from tunelab.generate.client import TeacherClient, TeacherFatal, estimate_tokens
 from tunelab.generate.config import GenerateConfig, Price, field_line, load_generate_config
 from tunelab.generate.engine import Engine
 from tunelab.generate.export import (contamination_check, ingest_batch_results, latency_summary, write_batch_input,
-                                     write_json, write_outputs)
+                                     write_outputs)
 from tunelab.generate.journal import Journal
 from tunelab.generate.pipelines import (PIPELINES, SELF_INSTRUCT_PROMPT, SELF_INSTRUCT_SYSTEM, PipelineResult,
                                         SelfInstructPipeline)
+from tunelab.generate.results import GenerateDryRun, GenerateStats
 
 
 @dataclass
@@ -117,8 +118,8 @@ def load_spec(cfg: GenerateConfig, base: Path) -> tuple[Any, str]:
     return spec, str(spec.content_hash())
 
 
-def run_generate(config_path: Path, opts: RunOptions) -> dict[str, Any]:
-    """Run a config end to end; returns the stats summary (also written to stats.json)."""
+def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | GenerateDryRun:
+    """Run a config end to end; returns the stats (also written to stats.json), or with ``dry_run`` the estimate."""
     config_path = Path(config_path)
     cfg = load_generate_config(config_path)
     base = config_path.parent
@@ -217,7 +218,7 @@ def run_generate(config_path: Path, opts: RunOptions) -> dict[str, Any]:
                 old.unlink()
         stats = _stats(cfg, config_path, engine, pipeline, result, rows, price, wall, paths, contamination,
                        ingested, batch_files, len(items) if items else None)
-        write_json(out_dir / "stats.json", stats)
+        stats.write(out_dir / "stats.json")
         return stats
     finally:
         journal.close()
@@ -254,7 +255,8 @@ def _env_base_url() -> str | None:
     return os.environ.get("OPENAI_BASE_URL") or None
 
 
-def _dry_run_summary(cfg: GenerateConfig, engine: Engine, price: Price | None, result: PipelineResult) -> dict:
+def _dry_run_summary(cfg: GenerateConfig, engine: Engine, price: Price | None,
+                     result: PipelineResult) -> GenerateDryRun:
     reqs = engine.pending
     p = sum(estimate_tokens(r.messages) for r in reqs)
     c = sum(int(r.params.get("max_tokens") or 0) for r in reqs)
@@ -263,14 +265,14 @@ def _dry_run_summary(cfg: GenerateConfig, engine: Engine, price: Price | None, r
         note = ("self-instruct runs in rounds; this is the first round only: expect about "
                 f"{cfg.self_instruct.num_instructions // max(1, cfg.self_instruct.tasks_per_request // 2)} requests "
                 "in all (half the asked-for tasks kept)")
-    return {"dry_run": True, "pipeline": cfg.pipeline, "teacher": cfg.teacher.model, "endpoint": engine.endpoint,
-            "requests_to_send": len(reqs), "already_done": engine.counts.resumed, "prompt_tokens_est": p,
-            "max_completion_tokens": c,
-            "max_cost_usd": round(engine.cost(p, c), 6) if price else None, "note": note}
+    return GenerateDryRun(pipeline=cfg.pipeline, teacher=cfg.teacher.model, endpoint=engine.endpoint,
+                          requests_to_send=len(reqs), already_done=engine.counts.resumed, prompt_tokens_est=p,
+                          max_completion_tokens=c, max_cost_usd=round(engine.cost(p, c), 6) if price else None,
+                          note=note)
 
 
 def _stats(cfg, config_path, engine: Engine, pipeline, result: PipelineResult, rows, price, wall, paths,
-           contamination, ingested, batch_files, n_inputs) -> dict[str, Any]:
+           contamination, ingested, batch_files, n_inputs) -> GenerateStats:
     used = list(engine.used.values())
     billed = [a for a in used if a.source in ("api", "batch")]
     ptok = sum(a.prompt_tokens for a in billed)
@@ -278,7 +280,7 @@ def _stats(cfg, config_path, engine: Engine, pipeline, result: PipelineResult, r
     cost = sum(engine.cost(a.prompt_tokens, a.completion_tokens, batch=a.source == "batch") for a in billed) \
         if price else None
     client = engine.client
-    stats: dict[str, Any] = {
+    return GenerateStats.model_validate({
         "name": cfg.name, "pipeline": cfg.pipeline, "config": str(config_path), "tunelab": __version__,
         "teacher": {"model": cfg.teacher.model, "endpoint": engine.endpoint,
                     "price_per_1m": price.model_dump() if price else None},
@@ -304,12 +306,9 @@ def _stats(cfg, config_path, engine: Engine, pipeline, result: PipelineResult, r
         **result.extra,
         "contamination": contamination,
         "outputs": paths,
-    }
-    if ingested is not None:
-        stats["batch_ingested"] = ingested
-    if batch_files:
-        stats["batch_input"] = batch_files
-    return stats
+        "batch_ingested": ingested,
+        "batch_input": batch_files or None,
+    })
 
 
 __all__ = ["RunOptions", "run_generate", "load_generate_config"]

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 
 import jinja2
 
+from tunelab.evaluate.results import Cell, EvalRow, EvalSummary
 from tunelab.report import plots
-from tunelab.stats import format_p, verdict
+from tunelab.stats import Interval, format_p
 
 __all__ = ["render_report", "write_report"]
 
@@ -31,8 +32,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}"
 
 
-def _interval(m: dict | None) -> str:
-    return "-" if not m else f"{m['value'] * 100:.1f} [{m['low'] * 100:.1f}, {m['high'] * 100:.1f}]"
+def _interval(m: Interval | None) -> str:
+    return "-" if not m else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
 
 
 def _show(value: Any) -> str:
@@ -47,64 +48,50 @@ _env.filters.update(pct=_pct, interval=_interval, pvalue=format_p, show=_show)
 
 
 # -- view model ------------------------------------------------------------------------------------
-def _names(cells: Sequence[dict]) -> list[str]:
+def _names(cells: Sequence[Cell]) -> list[str]:
     """Variant names alone when every cell has the same model, else ``variant @ model``."""
-    one_model = len({c["model"] for c in cells}) <= 1
-    return [c["variant"] if one_model else f"{c['variant']} @ {c['model']}" for c in cells]
+    one_model = len({c.model for c in cells}) <= 1
+    return [c.variant if one_model else c.key for c in cells]
 
 
-def _is_best(cell: dict, best: dict | None) -> bool:
-    return bool(best) and cell["variant"] == best["variant"] and cell["model"] == best["model"]
-
-
-def _verdict(cell: dict, best: dict | None) -> str:
-    comp = cell.get("comparison") or {}
-    return verdict(comp.get("diff"), comp.get("significant"), best=_is_best(cell, best))
-
-
-def _headline(cells: Sequence[dict], names: list[str], best: dict | None) -> list[dict]:
+def _headline(summary: EvalSummary, names: list[str]) -> list[dict]:
     """Plain sentences (``text``, ``significant``): how the best cell compares with each of the others."""
-    if best is None:
+    if summary.best is None:
         return []
-    best_name = next(n for c, n in zip(cells, names) if _is_best(c, best))
+    best_name = next(n for c, n in zip(summary.cells, names) if summary.is_best(c))
     lines = []
-    for c, name in zip(cells, names):
-        comp = c.get("comparison")
-        if _is_best(c, best) or not comp:
+    for c, name in zip(summary.cells, names):
+        comp = c.comparison
+        if summary.is_best(c) or comp is None:
             continue
-        points = -comp["diff"] * 100
-        p = format_p(comp.get("p_holm", comp.get("p_value")))
+        points = -comp.diff * 100
+        p = format_p(comp.p)
         p = p if p.startswith("<") else f"={p}"
-        if comp.get("significant"):
+        if comp.significant:
             text = f"{best_name} beats {name} by {points:+.1f} points (p{p}, significant)"
         else:
             text = f"{best_name} vs {name}: {points:+.1f} points, not significant (p{p})"
-        lines.append({"text": text, "significant": bool(comp.get("significant"))})
+        lines.append({"text": text, "significant": comp.significant})
     return lines
 
 
-def _cell_key(row: dict) -> tuple[str, str]:
-    return (str(row.get("variant")), str(row.get("model")))
-
-
-def _worst_examples(results: Sequence[dict], cells: Sequence[dict], names: list[str],
+def _worst_examples(results: Sequence[EvalRow], cells: Sequence[Cell], names: list[str],
                     limit: int = MAX_EXAMPLES) -> tuple[list[dict], str]:
     """Items that most cells got wrong (or, without gold, did not comply with), worst first.
 
     One row per cell and item: its first sample. Returns the examples and what "wrong" meant.
     """
-    name_of = {(c["variant"], c["model"]): n for c, n in zip(cells, names)}
-    first: dict[str, dict[tuple[str, str], dict]] = defaultdict(dict)
+    name_of = {(c.variant, c.model): n for c, n in zip(cells, names)}
+    first: dict[str, dict[tuple[str, str], EvalRow]] = defaultdict(dict)
     for r in results:
-        item, key = str(r.get("item_id")), _cell_key(r)
-        prev = first[item].get(key)
-        if prev is None or int(r.get("sample", 0)) < int(prev.get("sample", 0)):
-            first[item][key] = r
-    graded = any(r.get("correct") is not None for r in results)
+        prev = first[r.item_id].get(r.cell)
+        if prev is None or r.sample < prev.sample:
+            first[r.item_id][r.cell] = r
+    graded = any(r.correct is not None for r in results)
     what = "wrong" if graded else "did not comply"
 
-    def failed(r: dict) -> bool | None:
-        return (None if r.get("correct") is None else not r["correct"]) if graded else not r.get("complied")
+    def failed(r: EvalRow) -> bool | None:
+        return (None if r.correct is None else not r.correct) if graded else not r.complied
 
     examples = []
     for item, by_cell in first.items():
@@ -115,67 +102,60 @@ def _worst_examples(results: Sequence[dict], cells: Sequence[dict], names: list[
         any_row = next(iter(by_cell.values()))
         order = [k for k in name_of if k in by_cell] + [k for k in by_cell if k not in name_of]
         examples.append({
-            "item_id": item, "input": any_row.get("input"), "gold": any_row.get("gold"),
-            "failed": n_failed, "total": len(outcomes),
-            "cells": [{"name": name_of.get(k, f"{k[0]} @ {k[1]}"), "prediction": by_cell[k].get("prediction"),
-                       "raw_output": by_cell[k].get("raw_output"), "correct": by_cell[k].get("correct"),
-                       "complied": by_cell[k].get("complied")} for k in order],
+            "item_id": item, "input": any_row.input, "gold": any_row.gold, "failed": n_failed, "total": len(outcomes),
+            "cells": [{"name": name_of.get(k, f"{k[0]} @ {k[1]}"), "row": by_cell[k]} for k in order],
         })
     examples.sort(key=lambda e: (-e["failed"] / e["total"], -e["failed"], e["item_id"]))
     return examples[:limit], what
 
 
-def _chart(cells: Sequence[dict], names: list[str], best: dict | None, metric: str) -> tuple[str, str]:
-    shown = metric if any(metric in c["metrics"] for c in cells) else "compliance"
-    rows = [(n, c["metrics"][shown], _is_best(c, best)) for c, n in zip(cells, names) if shown in c["metrics"]]
+def _chart(summary: EvalSummary, names: list[str]) -> tuple[str, str]:
+    cells, metric = summary.cells, summary.metric
+    shown = metric if any(metric in c.metrics for c in cells) else "compliance"
+    rows = [(n, c.metrics[shown], summary.is_best(c)) for c, n in zip(cells, names) if shown in c.metrics]
     if not rows:
         return "", shown
     best_i = next((i for i, (_, _, b) in enumerate(rows) if b), None)
-    svg = plots.metric_bars([n for n, _, _ in rows], [m["value"] for _, m, _ in rows],
-                            [m["low"] for _, m, _ in rows], [m["high"] for _, m, _ in rows],
-                            metric=shown, best=best_i)
+    svg = plots.metric_bars([n for n, _, _ in rows], [m.value for _, m, _ in rows], [m.low for _, m, _ in rows],
+                            [m.high for _, m, _ in rows], metric=shown, best=best_i)
     return svg, shown
 
 
-def _context(summary: dict, results: Sequence[dict], title: str) -> dict:
-    cells = list(summary.get("cells") or [])
+def _context(summary: EvalSummary, results: Sequence[EvalRow], title: str) -> dict:
+    cells = summary.cells
     names = _names(cells)
-    best = summary.get("best")
-    metric = summary.get("metric") or (best or {}).get("metric") or "accuracy"
-    chart, chart_metric = _chart(cells, names, best, metric)
-    best_cell = next((c for c in cells if _is_best(c, best)), None)
-    confusions = [{"name": n, "svg": plots.confusion_heatmap(c["confusion"]["labels"], c["confusion"]["matrix"]),
-                   "per_label": c.get("per_label") or {}}
-                  for c, n in zip(cells, names) if c.get("confusion")]
+    chart, chart_metric = _chart(summary, names)
+    best_cell = summary.best_cell
+    confusions = [{"name": n, "svg": plots.confusion_heatmap(c.confusion.labels, c.confusion.matrix),
+                   "per_label": c.per_label or {}}
+                  for c, n in zip(cells, names) if c.confusion is not None]
     examples, failed_word = _worst_examples(results, cells, names)
     return {
-        "title": title, "summary": summary, "metric": metric, "task": summary.get("task", ""),
-        "best": best, "best_name": next((n for c, n in zip(cells, names) if c is best_cell), None),
-        "best_metric": best_cell["metrics"].get(metric) if best_cell else None,
-        "headline": _headline(cells, names, best),
-        "rows": [{"name": n, "cell": c, "is_best": _is_best(c, best), "verdict": _verdict(c, best)}
+        "title": title, "summary": summary, "metric": summary.metric, "task": summary.task,
+        "best": summary.best, "best_name": next((n for c, n in zip(cells, names) if c is best_cell), None),
+        "best_metric": best_cell.metrics.get(summary.metric) if best_cell else None,
+        "headline": _headline(summary, names),
+        "rows": [{"name": n, "cell": c, "is_best": summary.is_best(c), "verdict": summary.cell_verdict(c)}
                  for c, n in zip(cells, names)],
-        "has_macro_f1": any("macro_f1" in c["metrics"] for c in cells),
-        "has_json": any("json_valid" in c["metrics"] for c in cells),
-        "has_flaky": any("flaky_items" in c for c in cells),
+        "has_macro_f1": any("macro_f1" in c.metrics for c in cells),
+        "has_json": any("json_valid" in c.metrics for c in cells),
+        "has_flaky": any(c.flaky_items is not None for c in cells),
         "chart": chart, "chart_metric": chart_metric, "confusions": confusions,
         "examples": examples, "failed_word": failed_word,
-        "prompts": [{"name": n, "text": c.get("prompt_preview")} for c, n in zip(cells, names)
-                    if c.get("prompt_preview")],
-        "notes": list(summary.get("notes") or []),
-        "environment": summary.get("environment") or {},
+        "prompts": [{"name": n, "text": c.prompt_preview} for c, n in zip(cells, names) if c.prompt_preview],
+        "notes": summary.notes, "environment": summary.environment,
     }
 
 
 # -- entry points ----------------------------------------------------------------------------------
-def render_report(summary: dict, results: list[dict], *, title: str) -> str:
+def render_report(summary: EvalSummary, results: Sequence[EvalRow], *, title: str) -> str:
     """The report as one HTML string (UTF-8, inline CSS and SVG, no external references)."""
     return _env.get_template("template.html.jinja").render(**_context(summary, results, title))
 
 
-def write_report(path: str | Path, summary: dict, results: list[dict], title: str | None = None) -> Path:
+def write_report(path: str | Path, summary: EvalSummary, results: Sequence[EvalRow], title: str | None = None) -> Path:
     """Render the report and write it to ``path`` (UTF-8); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(summary, results, title=title or summary.get("title") or "eval"), encoding="utf-8")
+    path.write_text(render_report(summary, results, title=title or summary.title or "eval"), encoding="utf-8")
     return path

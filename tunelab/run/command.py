@@ -7,32 +7,33 @@ from typing import List, Optional
 
 import typer
 
+from tunelab.run.results import (EvalAfterStageResult, EvalStageResult, GenerateStageResult, ServeStageResult,
+                                 StageCost, StageRecord, TrainStageResult)
+from tunelab.stats import Interval
 
-def _fmt(m: dict | None) -> str:
-    return "-" if not m else f"{m['value'] * 100:.1f} [{m['low'] * 100:.1f}, {m['high'] * 100:.1f}]"
+
+def _fmt(m: Interval | None) -> str:
+    return "-" if not m else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
 
 
-def _stage_line(key: str, st: dict) -> str:
-    c = st.get("cost") or {}
-    res = st.get("result") or {}
-    action = st.get("action") or st.get("status")
+def _stage_line(key: str, st: StageRecord) -> str:
+    c, res = st.cost or StageCost(), st.result
+    action = st.action or st.status
     what = ""
-    if key == "eval" and res:
-        acc = (res.get("accuracy") or {}).get(res.get("best"))
-        what = f"best prompt {res.get('best')} {_fmt(acc)} on {res.get('n_items')} items"
-    elif key == "generate" and res:
-        what = f"{res.get('kept')} rows kept from teacher {res.get('teacher')}" + (
-            f", ${res['cost_usd']:.4f}" if res.get("cost_usd") is not None else "")
-    elif key.startswith("train/") and res:
-        what = (f"{res.get('method')}: {res.get('steps')} steps, loss {res.get('loss_first', 0):.3f} -> "
-                f"{res.get('loss_last', 0):.3f}, {res.get('tok_s', 0):.0f} tok/s")
-    elif key == "eval_after" and res:
-        what = "; ".join(f"{n} {_fmt(m.get('accuracy'))}" for n, m in res.items())
-    elif key == "serve" and res:
-        sm = res.get("smoke")
-        what = ("smoke test ok: " + ", ".join(f"{a['model']} -> {a['answer']!r}" for a in sm["answers"])) if sm \
-            else res["commands"][0]
-    took = f"{c['wall_s']:.1f}s" if c.get("wall_s") is not None else ""
+    if isinstance(res, EvalStageResult):
+        what = f"best prompt {res.best} {_fmt(res.accuracy.get(res.best) if res.best else None)} on {res.n_items} items"
+    elif isinstance(res, GenerateStageResult):
+        what = f"{res.kept} rows kept from teacher {res.teacher}" + (
+            f", ${res.cost_usd:.4f}" if res.cost_usd is not None else "")
+    elif isinstance(res, TrainStageResult):
+        what = (f"{res.method}: {res.steps} steps, loss {res.loss_first or 0:.3f} -> {res.loss_last or 0:.3f}, "
+                f"{res.tok_s or 0:.0f} tok/s")
+    elif isinstance(res, EvalAfterStageResult):
+        what = "; ".join(f"{n} {_fmt(m.accuracy)}" for n, m in res.methods.items())
+    elif isinstance(res, ServeStageResult):
+        what = ("smoke test ok: " + ", ".join(f"{a.model} -> {a.answer!r}" for a in res.smoke.answers)) \
+            if res.smoke else res.commands[0]
+    took = f"{c.wall_s:.1f}s" if c.wall_s is not None else ""
     if action == "cached":
         took = f"(ran before in {took})" if took else ""
     return f"{key:<14} {action:<8} {took:<22} {what}".rstrip()
@@ -58,7 +59,7 @@ def run_cmd(
     from tunelab.cli import _new_progress, _progress_factory, err_console
     from tunelab.errors import ConfigError
     from tunelab.run.experiment import run_experiment
-    from tunelab.stats import format_p, verdict
+    from tunelab.stats import format_p
 
     if not experiment.is_file():
         raise ConfigError(f"no such file: {experiment}")
@@ -67,36 +68,34 @@ def run_cmd(
     def log(msg: str) -> None:
         err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
-    def on_stage(key: str, st: dict) -> None:
+    def on_stage(key: str, st: StageRecord) -> None:
         console.print(_stage_line(key, st), highlight=False, markup=False)
 
     with _new_progress() as progress:
         summary = run_experiment(experiment, out=out, force=force, only=only, limit=limit, log=log,
                                  progress=_progress_factory(progress), console=None, on_stage=on_stage)
-    folder = Path(out) if out is not None else Path("runs") / summary["name"]
-    t = Table(title=f"{summary['name']}: {(summary.get('dataset') or {}).get('name', '')} "
-                    f"({(summary.get('dataset') or {}).get('n_items', '?')} items)")
+    folder = Path(out) if out is not None else Path("runs") / summary.name
+    ds = summary.dataset
+    t = Table(title=f"{summary.name}: {ds.name if ds else ''} ({ds.n_items if ds else '?'} items)")
     for col in ("model", "prompt", "accuracy % [95% CI]", "vs best prompt", "p (Holm)", "verdict"):
         t.add_column(col, justify="right" if col in ("vs best prompt", "p (Holm)") else "left")
-    for p in summary.get("prompts") or []:
-        t.add_row("base", p["variant"], _fmt(p.get("accuracy")),
-                  "-" if p["is_best"] else f"{(p.get('diff_vs_best') or 0) * 100:+.1f}",
-                  "-" if p["is_best"] or p.get("p_holm") is None else format_p(p["p_holm"]), p["verdict"])
-    for m in summary.get("methods") or []:
-        v = m.get("vs_best") or {}
-        if not v.get("n"):
-            t.add_row(m["name"], m.get("prompt") or "-", "-", "-", "-", "not evaluated")
+    for p in summary.prompts or []:
+        t.add_row("base", p.variant, _fmt(p.accuracy), "-" if p.is_best else f"{(p.diff_vs_best or 0) * 100:+.1f}",
+                  "-" if p.is_best or p.p_holm is None else format_p(p.p_holm), p.verdict)
+    for m in summary.methods:
+        if not m.evaluated:
+            t.add_row(m.name, m.prompt or "-", "-", "-", "-", "not evaluated")
             continue
-        d = v["diff"]
-        t.add_row(m["name"], m["prompt"], _fmt(m.get("accuracy")),
-                  f"{d['value'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]",
-                  format_p(v["p_holm"]), verdict(d["value"], v.get("significant")))
+        v = m.vs_best
+        t.add_row(m.name, m.prompt, _fmt(m.accuracy),
+                  f"{v.diff.value * 100:+.1f} [{v.diff.low * 100:+.1f}, {v.diff.high * 100:+.1f}]", format_p(v.p),
+                  v.verdict)
     console.print(t)
-    console.print(summary["verdict"]["text"], highlight=False, markup=False, soft_wrap=True)
-    cost = summary["cost"]
-    console.print(f"cost: {cost['total_wall_s']:.1f}s of stage time, {cost['total_tokens']:,} tokens, peak RSS "
-                  f"{cost['peak_rss_mb']:.0f} MB" + (f", teacher ${cost['teacher_usd']:.4f}"
-                                                      if cost.get("teacher_usd") is not None else ""),
+    console.print(summary.verdict.text, highlight=False, markup=False, soft_wrap=True)
+    cost = summary.cost
+    console.print(f"cost: {cost.total_wall_s:.1f}s of stage time, {cost.total_tokens:,} tokens, peak RSS "
+                  f"{cost.peak_rss_mb:.0f} MB" + (f", teacher ${cost.teacher_usd:.4f}"
+                                                  if cost.teacher_usd is not None else ""),
                   highlight=False)
     console.print(f"summary: {folder / 'summary.json'}", highlight=False, soft_wrap=True)
     console.print(f"report: {folder / 'report.html'}", highlight=False, soft_wrap=True)

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from tunelab import __version__
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.run.config import ResolvedExperiment, load_experiment
+from tunelab.run.results import RunState, RunSummary, StageCost, StageRecord
 from tunelab.run.stages import Ctx, EvalAfterStage, EvalStage, GenerateStage, ServeStage, TrainStage
-from tunelab.run.util import PeakRss, Timer, environment, now, read_json, stable_hash, write_json
+from tunelab.run.util import PeakRss, Timer, environment, now, stable_hash, write_json
 
 STATE = "run.json"
 
@@ -78,22 +79,22 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_state(out: Path) -> dict[str, Any]:
+def load_state(out: Path) -> RunState:
+    """run.json of an earlier invocation (upgraded from an older schema), or a fresh state when there is none or
+    it cannot be read (every stage then runs again)."""
     p = out / STATE
     if p.is_file():
         try:
-            st = read_json(p)
-            if isinstance(st, dict) and isinstance(st.get("stages"), dict):
-                return st
-        except ValueError:
+            return RunState.read(p)
+        except TunelabError:
             pass
-    return {"stages": {}}
+    return RunState()
 
 
 def run_experiment(path: str | Path, *, out: Path | None = None, force: Iterable[str] = (),
                    only: Iterable[str] = (), limit: int | None = None, log: Callable[[str], None] | None = _stderr,
                    progress: Callable | None = None, console: Any = None,
-                   on_stage: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+                   on_stage: Callable[[str, StageRecord], None] | None = None) -> RunSummary:
     """Run (or resume, or skip what is cached of) one experiment; returns the summary (also in OUT)."""
     path = Path(path)
     r = load_experiment(path, limit=limit)
@@ -110,62 +111,59 @@ def run_experiment(path: str | Path, *, out: Path | None = None, force: Iterable
     write_prompts(r, out / "prompts")
     write_json(out / "env.json", environment(r.exp.seed, r.base_dir))
     state = load_state(out)
-    state.update({"name": r.name, "experiment": str(path.resolve()), "tunelab": __version__,
-                  "created": state.get("created") or now(), "updated": now(), "limit": limit,
-                  "invocations": int(state.get("invocations", 0)) + 1, "stage_order": keys})
-    # stages that are no longer in the experiment (a method removed) are forgotten; their folders stay
-    state["stages"] = {k: v for k, v in state["stages"].items() if k in keys}
-    for v in state["stages"].values():
-        v["action"] = None
+    state = state.model_copy(update={
+        "name": r.name, "experiment": str(path.resolve()), "tunelab": __version__, "created": state.created or now(),
+        "limit": limit, "invocations": state.invocations + 1, "stage_order": keys,
+        # stages that are no longer in the experiment (a method removed) are forgotten; their folders stay
+        "stages": {k: v.model_copy(update={"action": None}) for k, v in state.stages.items() if k in keys}})
 
     def save() -> None:
-        state["updated"] = now()
-        write_json(out / STATE, state)
+        state.updated = now()
+        state.write(out / STATE)
 
     save()
     ctx = Ctx(r, out, logger, progress=progress, console=console)
     for st in stages:
-        prev = state["stages"].get(st.key)
+        prev = state.stages.get(st.key)
         if only_set is not None and st.key not in only_set:
             if prev is not None:
-                prev["action"] = "skipped"
-                if prev.get("status") == "done":
+                prev.action = "skipped"
+                if prev.status == "done":
                     ctx.done[st.key] = prev
                 save()
             continue
         logger.stage = st.key
         h = stable_hash({"stage": st.key, "tunelab": __version__, "inputs": st.inputs(ctx)})
         d = stage_dir(out, st.key)
-        if (st.key not in forced and prev is not None and prev.get("status") == "done" and prev.get("hash") == h
-                and d.exists()):
-            prev["action"] = "cached"
+        if st.key not in forced and prev is not None and prev.status == "done" and prev.hash == h and d.exists():
+            prev.action = "cached"
             ctx.done[st.key] = prev
             save()
             if on_stage:
                 on_stage(st.key, prev)
             continue
-        resume = (st.key not in forced and prev is not None and prev.get("hash") == h
-                  and prev.get("status") in ("running", "interrupted", "failed"))
+        resume = (st.key not in forced and prev is not None and prev.hash == h
+                  and prev.status in ("running", "interrupted", "failed"))
         if not resume and d.exists() and st.key != "train" and not st.key.startswith("train/"):
             shutil.rmtree(d)  # (a train stage clears its own folder: it decides whether a checkpoint resumes)
-        entry = {"status": "running", "hash": h, "started": now(), "action": "resumed" if resume else "ran"}
-        state["stages"][st.key] = entry
+        entry = StageRecord(status="running", hash=h, started=now(), action="resumed" if resume else "ran")
+        state.stages[st.key] = entry
         save()
         try:
             with PeakRss() as rss, Timer() as timer:
                 outcome = st.run(ctx, d, resume)
         except KeyboardInterrupt:
-            entry.update(status="interrupted", finished=now())
+            entry.status, entry.finished = "interrupted", now()
             save()
             raise
         except BaseException as e:
-            entry.update(status="failed", finished=now(), error=f"{type(e).__name__}: {e}")
+            entry.status, entry.finished, entry.error = "failed", now(), f"{type(e).__name__}: {e}"
             save()
             raise
-        entry.update(status="done", finished=now(), output_hash=outcome.output_hash, result=outcome.result,
-                     cost={"wall_s": round(timer.s, 2), "peak_rss_mb": rss.mb, "tokens": outcome.tokens,
-                           "teacher_usd": outcome.teacher_usd})
-        entry.pop("error", None)
+        entry.status, entry.finished, entry.error = "done", now(), None
+        entry.output_hash, entry.result = outcome.output_hash, outcome.result
+        entry.cost = StageCost(wall_s=round(timer.s, 2), peak_rss_mb=rss.mb, tokens=outcome.tokens,
+                               teacher_usd=outcome.teacher_usd)
         ctx.done[st.key] = entry
         save()
         if on_stage:
@@ -175,7 +173,7 @@ def run_experiment(path: str | Path, *, out: Path | None = None, force: Iterable
     from tunelab.run.report import build_summary, write_run_report
 
     summary = build_summary(out, state, r)
-    write_json(out / "summary.json", summary)
+    summary.write(out / "summary.json")
     write_run_report(out / "report.html", summary, out)
     if r.exp.tracking:
         from tunelab.run.tracking import log_tracking

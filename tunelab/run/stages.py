@@ -13,16 +13,22 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import yaml
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import release_models
 from tunelab.run.config import MethodPlan, PromptRef, ResolvedExperiment
-from tunelab.run.util import dir_sha, file_sha, model_identity, read_json, read_jsonl, stable_hash, write_json
+from tunelab.evaluate.results import EvalRow, EvalSummary
+from tunelab.run.results import (EvalAfterStageResult, EvalAfterSummary, EvalStageResult, GenerateStageResult,
+                                 MethodEval, MethodHeadline, ServeAnswer, ServeStageResult, SmokeTest, StageRecord,
+                                 StageResult, TrainStageResult, VsBaseline)
+from tunelab.run.util import dir_sha, file_sha, model_identity, stable_hash
+from tunelab.stats import PairedComparison
 
 Log = Callable[[str], None]
+R = TypeVar("R")
 
 
 @dataclass
@@ -34,19 +40,24 @@ class Ctx:
     log: Log
     progress: Callable | None = None       # (description, total) -> advance(n), for eval progress bars
     console: Any = None                    # a rich console for the training progress bar
-    done: dict[str, dict] = field(default_factory=dict)  # stage key -> its run.json entry once done
+    done: dict[str, StageRecord] = field(default_factory=dict)  # stage key -> its run.json record once done
 
-    def upstream(self, key: str) -> dict:
+    def upstream(self, key: str) -> StageRecord:
         st = self.done.get(key)
-        if st is None or st.get("status") != "done":
+        if st is None or st.status != "done" or st.result is None:
             raise ConfigError(f"stage {key!r} has not finished yet: run without --only first", where=str(self.out))
         return st
+
+    def upstream_result(self, key: str, kind: type[R]) -> R:
+        res = self.upstream(key).result
+        assert isinstance(res, kind), (key, type(res))
+        return res
 
 
 @dataclass
 class Outcome:
     output_hash: str
-    result: dict[str, Any]
+    result: StageResult
     tokens: int = 0
     teacher_usd: float | None = None
 
@@ -76,24 +87,23 @@ def _model_cfg(r: ResolvedExperiment, name: str, *, adapter: Path | None = None,
             "batch_size": e.batch_size, "dtype": e.dtype}
 
 
-def _rows_hash(rows: list[dict]) -> str:
+def _rows_hash(rows: list[EvalRow]) -> str:
     """The content of eval results that later stages read (not timings, not cache flags)."""
-    return stable_hash(sorted((str(r.get("variant")), str(r.get("model")), str(r["item_id"]), int(r.get("sample", 0)),
-                               str(r.get("prediction")), r.get("correct")) for r in rows))
+    return stable_hash(sorted((r.variant, r.model, r.item_id, r.sample, str(r.prediction), r.correct) for r in rows))
 
 
-def _run_eval(ctx: Ctx, cfg, out_dir: Path) -> tuple[dict, list[dict]]:
+def _run_eval(ctx: Ctx, cfg, out_dir: Path) -> tuple[EvalSummary, list[EvalRow]]:
     from tunelab.evaluate.runner import EvalRunner
 
     runner = EvalRunner(cfg, ctx.r.base_dir, out_dir, use_cache=ctx.r.exp.eval.use_cache, progress=ctx.progress,
                         log=ctx.log)
     summary, rows = runner.run()
-    write_json(out_dir / "summary.json", summary)
+    summary.write(out_dir / "summary.json")
     return summary, rows
 
 
-def _tokens(rows: list[dict]) -> int:
-    return sum(int(r.get("prompt_tokens") or 0) + int(r.get("completion_tokens") or 0) for r in rows)
+def _tokens(rows: list[EvalRow]) -> int:
+    return sum(r.prompt_tokens + r.completion_tokens for r in rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,10 +131,10 @@ class EvalStage:
         summary, rows = _run_eval(ctx, cfg, d)
         write_report(d / "report.html", summary, rows, title=f"{r.name}: prompts")
         release_models()
-        best = summary.get("best") or {}
-        cells = {c["variant"]: c["metrics"].get("accuracy") for c in summary["cells"]}
-        return Outcome(_rows_hash(rows), {"best": best.get("variant"), "n_items": summary["n_items"],
-                                          "task": summary["task"], "accuracy": cells}, tokens=_tokens(rows))
+        result = EvalStageResult(best=summary.best.variant if summary.best else None, n_items=summary.n_items,
+                                 task=summary.task, accuracy={c.variant: c.metrics.get("accuracy")
+                                                              for c in summary.cells})
+        return Outcome(_rows_hash(rows), result, tokens=_tokens(rows))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,26 +163,24 @@ class GenerateStage:
         return min(lims) if lims else None
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.generate.results import GenerateStats
         from tunelab.generate.runner import RunOptions, run_generate
 
         cfg = self._config(ctx)
         path = ctx.out / "configs" / "generate.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        ctx.log(f"generate: {cfg.get('pipeline')} with teacher {cfg.get('teacher', {}).get('model')}"
+        ctx.log(f"generate: {cfg.get('pipeline')} with teacher {(cfg.get('teacher') or {}).get('model')}"
                 + (" (resuming from the journal)" if resume else ""))
         stats = run_generate(path, RunOptions(out=d, limit=self._limit(ctx)))
-        if stats.get("pending"):
-            raise TunelabError(f"generate: {stats['pending']} inputs are still pending (failed requests or the "
+        assert isinstance(stats, GenerateStats)
+        if stats.pending:
+            raise TunelabError(f"generate: {stats.pending} inputs are still pending (failed requests or the "
                                f"budget); rerun `tunelab run` to finish them")
-        data = Path(stats["outputs"]["data"])
-        tok = stats.get("tokens") or {}
-        return Outcome(file_sha(data), {"data": str(data), "kept": stats.get("kept"),
-                                        "dropped": (stats.get("dropped") or {}).get("total"),
-                                        "teacher": (stats.get("teacher") or {}).get("model"),
-                                        "cost_usd": stats.get("cost_usd")},
-                       tokens=int(tok.get("prompt", 0)) + int(tok.get("completion", 0)),
-                       teacher_usd=stats.get("cost_usd"))
+        return Outcome(file_sha(stats.data_path), GenerateStageResult(
+            data=stats.data_path, kept=stats.kept, dropped=stats.dropped.total, teacher=stats.teacher.model,
+            cost_usd=stats.cost_usd), tokens=stats.tokens.prompt + stats.tokens.completion,
+            teacher_usd=stats.cost_usd)
 
 
 def _walk(obj: Any, prefix: str = ""):
@@ -200,7 +208,9 @@ class TrainStage:
     # -- what it trains on --
     def prompt_ref(self, ctx: Ctx) -> PromptRef:
         if self.plan.prompt == "best":
-            best = ctx.upstream("eval")["result"]["best"]
+            best = ctx.upstream_result("eval", EvalStageResult).best
+            if best is None:
+                raise TunelabError("prompt: best needs a best prompt, and the eval data has no gold answers")
             return ctx.r.prompts[best]
         assert self.plan.prompt_ref is not None
         return self.plan.prompt_ref
@@ -211,7 +221,7 @@ class TrainStage:
             assert ctx.r.train_data is not None
             return ctx.r.train_data
         if d == "generated":
-            return Path(ctx.upstream("generate")["result"]["data"])
+            return Path(ctx.upstream_result("generate", GenerateStageResult).data)
         p = Path(d).expanduser()
         return p if p.is_absolute() else (ctx.r.base_dir / p).resolve()
 
@@ -244,7 +254,7 @@ class TrainStage:
             cfg["forgetting"]["data"] = file_sha(cfg["forgetting"]["data"])
         cfg["model"] = model_identity(ctx.r.model)
         return {"config": cfg, "prompt": self.prompt_ref(ctx).hash,
-                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps if k == "generate"}}
+                "upstream": {k: ctx.upstream(k).output_hash for k in self.deps if k == "generate"}}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.train.checkpoint import latest_checkpoint
@@ -269,28 +279,27 @@ class TrainStage:
         weights = sorted(artifact.glob("*.safetensors"))
         out_hash = stable_hash([file_sha(w) for w in weights]) if weights else dir_sha(artifact)
         loss = rep.get("loss") or {}
-        return Outcome(out_hash, {
-            "method": cfg.method, "artifact": str(artifact), "kind": rep.get("artifact_kind"), "prompt": ref.name,
-            "prompt_hash": ref.hash, "data": cfg.data.path, "examples": (rep.get("data") or {}).get("examples"),
-            "steps": rep.get("steps"), "resumed_from": rep.get("resumed_from"), "tokens": rep.get("tokens"),
-            "train_seconds": rep.get("train_seconds"), "tok_s": rep.get("tok_s"), "peak_rss_gb": rep.get("peak_rss_gb"),
-            "trainable": (rep.get("parameters") or {}).get("trainable"),
-            "total_params": (rep.get("parameters") or {}).get("total"),
-            "loss_first": loss.get("first"), "loss_last": loss.get("last"),
-            "lr": cfg.optim.lr, "epochs": cfg.train.epochs, "lora_r": cfg.lora.r if cfg.method == "lora" else None,
-            "forgetting": rep.get("forgetting")}, tokens=int(rep.get("tokens") or 0))
+        return Outcome(out_hash, TrainStageResult(
+            method=cfg.method, artifact=str(artifact), kind=rep.get("artifact_kind"), prompt=ref.name,
+            prompt_hash=ref.hash, data=cfg.data.path, examples=(rep.get("data") or {}).get("examples"),
+            steps=rep.get("steps"), resumed_from=rep.get("resumed_from"), tokens=rep.get("tokens") or 0,
+            train_seconds=rep.get("train_seconds"), tok_s=rep.get("tok_s"), peak_rss_gb=rep.get("peak_rss_gb"),
+            trainable=(rep.get("parameters") or {}).get("trainable"),
+            total_params=(rep.get("parameters") or {}).get("total"), loss_first=loss.get("first"),
+            loss_last=loss.get("last"), lr=cfg.optim.lr, epochs=cfg.train.epochs,
+            lora_r=cfg.lora.r if cfg.method == "lora" else None, forgetting=rep.get("forgetting")),
+            tokens=int(rep.get("tokens") or 0))
 
 
 # --------------------------------------------------------------------------------------------------
 # eval_after: tuned models vs the best prompt, same items, paired
 # --------------------------------------------------------------------------------------------------
-def paired(a_rows: list[dict], b_rows: list[dict], *, seed: int, confidence: float):
+def paired(a_rows: list[EvalRow], b_rows: list[EvalRow], *, seed: int, confidence: float) -> PairedComparison:
     """B vs A on the items both scored (sample 0): tunelab.stats.paired_comparison of their outcomes."""
     from tunelab.stats import paired_comparison
 
-    def outcomes(rows: list[dict]) -> dict[str, bool]:
-        return {str(r["item_id"]): bool(r["correct"]) for r in rows
-                if r.get("sample", 0) == 0 and r.get("correct") is not None}
+    def outcomes(rows: list[EvalRow]) -> dict[str, bool]:
+        return {r.item_id: bool(r.correct) for r in rows if r.sample == 0 and r.correct is not None}
 
     return paired_comparison(outcomes(a_rows), outcomes(b_rows), seed=seed, confidence=confidence)
 
@@ -311,59 +320,56 @@ class EvalAfterStage:
         return {"model": model_identity(r.model), "data": file_sha(r.eval_data), "limit": eval_limit(r),
                 "settings": r.exp.eval.model_dump(mode="json", exclude={"use_cache"}), "seed": r.exp.seed,
                 "prompts": {t.plan.entry.name: self._eval_prompt(ctx, t).hash for t in self.trains},
-                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps}}
+                "upstream": {k: ctx.upstream(k).output_hash for k in self.deps}}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
-        from tunelab.data.io import write_jsonl
+        from tunelab.evaluate.results import read_rows, write_rows
         from tunelab.evaluate.metrics import summarize_cell
         from tunelab.stats import with_holm
 
         r = ctx.r
         conf, seed = r.exp.eval.confidence, r.exp.seed
-        base_rows = read_jsonl(ctx.out / "eval" / "results.jsonl")
-        best = ctx.upstream("eval")["result"]["best"]
+        base_rows = read_rows(ctx.out / "eval" / "results.jsonl")
+        best = ctx.upstream_result("eval", EvalStageResult).best
         if best is None:
             raise TunelabError("eval_after needs a best prompt, and the eval data has no gold answers")
-        best_rows = [x for x in base_rows if x["variant"] == best]
-        all_rows: list[dict] = []
-        methods: dict[str, dict] = {}
+        best_rows = [x for x in base_rows if x.variant == best]
+        all_rows: list[EvalRow] = []
+        evals: dict[str, dict[str, Any]] = {}
         for t in self.trains:
             name = t.plan.entry.name
-            tr = ctx.upstream(t.key)["result"]
+            tr = ctx.upstream_result(t.key, TrainStageResult)
             ref = self._eval_prompt(ctx, t)
-            artifact = Path(tr["artifact"])
-            tuned = (_model_cfg(r, name, adapter=artifact) if tr["kind"] == "adapter"
+            artifact = Path(tr.artifact)
+            tuned = (_model_cfg(r, name, adapter=artifact) if tr.kind == "adapter"
                      else _model_cfg(r, name, model=str(artifact)))
             same = next((n for n, p in r.prompts.items() if p.hash == ref.hash), None)
             models = [tuned] if same is not None else [_model_cfg(r, "base"), tuned]
             variant = same or ref.name
             cfg = eval_config(r, {variant: ref}, models)
-            ctx.log(f"eval_after {name}: {tr['kind']} with prompt {variant} on {r.eval_data.name}")
+            ctx.log(f"eval_after {name}: {tr.kind} with prompt {variant} on {r.eval_data.name}")
             summary, rows = _run_eval(ctx, cfg, d / name)
             release_models()
-            mine = [x for x in rows if x["model"] == name]
-            before = ([x for x in base_rows if x["variant"] == same] if same is not None
-                      else [x for x in rows if x["model"] == "base"])
-            cell = summarize_cell(mine, summary["task"], summary.get("labels"), confidence=conf, seed=seed)
-            methods[name] = {
-                "method": tr["method"], "prompt": variant, "prompt_hash": ref.hash, "artifact": str(artifact),
-                "metrics": cell["metrics"], "n_items": cell["n_items"], "tokens": cell["tokens"],
-                "vs_best": paired(best_rows, mine, seed=seed, confidence=conf),
-                "vs_before": paired(before, mine, seed=seed, confidence=conf),
-                "baselines": {"vs_best": best, "vs_before": f"{variant} (base model)"},
-            }
+            mine = [x for x in rows if x.model == name]
+            before = ([x for x in base_rows if x.variant == same] if same is not None
+                      else [x for x in rows if x.model == "base"])
+            cell = summarize_cell(mine, summary.task, summary.labels, confidence=conf, seed=seed)
+            evals[name] = {"method": tr.method, "prompt": variant, "prompt_hash": ref.hash, "artifact": str(artifact),
+                           "metrics": cell.metrics, "n_items": cell.n_items, "tokens": cell.tokens,
+                           "vs_best": paired(best_rows, mine, seed=seed, confidence=conf),
+                           "vs_before": paired(before, mine, seed=seed, confidence=conf),
+                           "baselines": {"vs_best": best, "vs_before": f"{variant} (base model)"}}
             all_rows += rows
-        names = list(methods)
+        names = list(evals)
         for key in ("vs_best", "vs_before"):  # Holm over the methods, each family on its own
-            for n, c in zip(names, with_holm([methods[n][key] for n in names])):
-                methods[n][key] = {"baseline": methods[n]["baselines"][key], **c.model_dump(mode="json")}
-        for m in methods.values():
-            del m["baselines"]
-        write_jsonl(d / "results.jsonl", all_rows)
-        write_json(d / "summary.json", {"best_prompt": best, "confidence": conf, "methods": methods})
-        return Outcome(_rows_hash(all_rows), {n: {"accuracy": m["metrics"].get("accuracy"),
-                                                  "vs_best": m["vs_best"]} for n, m in methods.items()},
-                       tokens=_tokens(all_rows))
+            for n, c in zip(names, with_holm([evals[n][key] for n in names])):
+                evals[n][key] = VsBaseline(**dict(c), baseline=evals[n]["baselines"][key])
+        methods = {n: MethodEval(**{k: v for k, v in e.items() if k != "baselines"}) for n, e in evals.items()}
+        write_rows(d / "results.jsonl", all_rows)
+        EvalAfterSummary(best_prompt=best, confidence=conf, methods=methods).write(d / "summary.json")
+        return Outcome(_rows_hash(all_rows), EvalAfterStageResult(methods={
+            n: MethodHeadline(accuracy=m.metrics.get("accuracy"), vs_best=m.vs_best) for n, m in methods.items()}),
+            tokens=_tokens(all_rows))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,27 +385,27 @@ class ServeStage:
     def inputs(self, ctx: Ctx) -> dict:
         s = ctx.r.exp.serve
         return {"model": model_identity(ctx.r.model), "settings": s.model_dump(mode="json") if s else None,
-                "upstream": {k: ctx.upstream(k)["output_hash"] for k in self.deps}}
+                "upstream": {k: ctx.upstream(k).output_hash for k in self.deps}}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         r, s = ctx.r, ctx.r.exp.serve
         assert s is not None
         adapters, others = {}, {}
         for t in self.trains:
-            tr = ctx.upstream(t.key)["result"]
-            (adapters if tr["kind"] == "adapter" else others)[t.plan.entry.name] = tr["artifact"]
+            tr = ctx.upstream_result(t.key, TrainStageResult)
+            (adapters if tr.kind == "adapter" else others)[t.plan.entry.name] = tr.artifact
         model_flag = "" if r.model == "bundled" else f" --model {r.model}"
         cmd = "tunelab serve" + model_flag + "".join(f" --adapter {n}={p}" for n, p in adapters.items())
         cmds = [cmd] + [f"tunelab serve --model {p} --served-model-name {n}" for n, p in others.items()]
         d.mkdir(parents=True, exist_ok=True)
         (d / "command.txt").write_text("\n".join(cmds) + "\n", encoding="utf-8")
-        result: dict[str, Any] = {"mode": s.mode, "commands": cmds}
+        result = ServeStageResult(mode=s.mode, commands=cmds)
         if s.mode == "smoke":
-            result["smoke"] = self._smoke(ctx, adapters, s.max_tokens)
-            write_json(d / "smoke.json", result["smoke"])
-        return Outcome(stable_hash(result), result)
+            result.smoke = self._smoke(ctx, adapters, s.max_tokens)
+            result.smoke.write(d / "smoke.json")
+        return Outcome(stable_hash(result.to_json()), result)
 
-    def _smoke(self, ctx: Ctx, adapters: dict[str, str], max_tokens: int) -> dict:
+    def _smoke(self, ctx: Ctx, adapters: dict[str, str], max_tokens: int) -> SmokeTest:
         """Start the server in this process, ask each served model one question through the openai client
         (the first eval item, rendered with the best prompt), stop."""
         from openai import OpenAI
@@ -410,7 +416,9 @@ class ServeStage:
 
         r = ctx.r
         item = next(iter_strip_private(read_records(r.eval_data, limit=1)))
-        best = (ctx.done.get("eval") or {}).get("result", {}).get("best") or next(iter(r.prompts))
+        ev = ctx.done.get("eval")
+        best = (ev.result.best if ev is not None and isinstance(ev.result, EvalStageResult) else None) \
+            or next(iter(r.prompts))
         messages = r.prompts[best].spec.render(item)
         cfg = ServeConfig(model=None if r.model == "bundled" else r.model, adapters=adapters, port=0,
                           max_batch=4, default_max_tokens=max_tokens)
@@ -425,11 +433,11 @@ class ServeStage:
                 t0 = time.perf_counter()
                 resp = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens,
                                                       temperature=0)
-                answers.append({"model": name, "answer": resp.choices[0].message.content,
-                                "finish_reason": resp.choices[0].finish_reason,
-                                "completion_tokens": resp.usage.completion_tokens if resp.usage else None,
-                                "latency_s": round(time.perf_counter() - t0, 3)})
-                ctx.log(f"serve: {name} answered {answers[-1]['answer']!r} in {answers[-1]['latency_s']:.2f}s")
+                answers.append(ServeAnswer(model=name, answer=resp.choices[0].message.content,
+                                           finish_reason=resp.choices[0].finish_reason,
+                                           completion_tokens=resp.usage.completion_tokens if resp.usage else None,
+                                           latency_s=round(time.perf_counter() - t0, 3)))
+                ctx.log(f"serve: {name} answered {answers[-1].answer!r} in {answers[-1].latency_s:.2f}s")
         release_models()
-        return {"ok": True, "served_models": served, "prompt": best, "item_id": str(item.get("id", 0)),
-                "gold": r.prompts[best].spec.gold(item), "answers": answers}
+        return SmokeTest(ok=True, served_models=served, prompt=best, item_id=str(item.get("id", 0)),
+                         gold=r.prompts[best].spec.gold(item), answers=answers)

@@ -8,31 +8,32 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
+from tunelab.run.results import RunSummary
 from tunelab.run.util import read_jsonl
 
 
-def _metrics(summary: dict) -> dict[str, float]:
+def _metrics(summary: RunSummary) -> dict[str, float]:
     m: dict[str, float] = {}
-    for p in summary.get("prompts") or []:
-        if p.get("accuracy"):
-            m[f"prompt/{p['variant']}/accuracy"] = p["accuracy"]["value"]
-    for x in summary.get("methods") or []:
-        if x.get("accuracy"):
-            m[f"tuned/{x['name']}/accuracy"] = x["accuracy"]["value"]
-        if (x.get("vs_best") or {}).get("n"):
-            m[f"tuned/{x['name']}/diff_vs_best"] = x["vs_best"]["diff"]["value"]
-            m[f"tuned/{x['name']}/p_vs_best"] = x["vs_best"]["p_value"]
-    for c in (summary.get("cost") or {}).get("stages", []):
-        if c.get("wall_s") is not None:
-            m[f"cost/{c['stage']}/wall_s"] = c["wall_s"]
+    for p in summary.prompts or []:
+        if p.accuracy:
+            m[f"prompt/{p.variant}/accuracy"] = p.accuracy.value
+    for x in summary.methods:
+        if x.accuracy:
+            m[f"tuned/{x.name}/accuracy"] = x.accuracy.value
+        if x.evaluated:
+            m[f"tuned/{x.name}/diff_vs_best"] = x.vs_best.diff.value
+            m[f"tuned/{x.name}/p_vs_best"] = x.vs_best.p_value
+    for c in summary.cost.stages:
+        if c.wall_s is not None:
+            m[f"cost/{c.stage}/wall_s"] = c.wall_s
     return m
 
 
-def _losses(out: Path, summary: dict) -> dict[str, list[dict]]:
-    return {x["name"]: read_jsonl(out / "train" / x["name"] / "metrics.jsonl") for x in summary.get("methods") or []}
+def _losses(out: Path, summary: RunSummary) -> dict[str, list[dict]]:
+    return {x.name: read_jsonl(out / "train" / x.name / "metrics.jsonl") for x in summary.methods}
 
 
-def log_tracking(trackers: list[str], out: Path, summary: dict, log: Callable[[str], None]) -> None:
+def log_tracking(trackers: list[str], out: Path, summary: RunSummary, log: Callable[[str], None]) -> None:
     for t in trackers:
         try:
             if t == "mlflow":
@@ -51,15 +52,15 @@ def log_tracking(trackers: list[str], out: Path, summary: dict, log: Callable[[s
             log(f"tracking: {t} failed ({type(e).__name__}: {e}); the run itself is complete")
 
 
-def _mlflow(out: Path, summary: dict) -> None:
+def _mlflow(out: Path, summary: RunSummary) -> None:
     import mlflow
 
-    mlflow.set_experiment(summary["name"])
+    mlflow.set_experiment(summary.name)
     with mlflow.start_run(run_name=out.name):
-        params: dict[str, Any] = {"model": summary.get("model"), "limit": summary.get("limit")}
-        for x in summary.get("methods") or []:
+        params: dict[str, Any] = {"model": summary.model, "limit": summary.limit}
+        for x in summary.methods:
             for k in ("lr", "epochs", "lora_r", "method"):
-                params[f"{x['name']}.{k}"] = (x.get("train") or {}).get(k)
+                params[f"{x.name}.{k}"] = getattr(x.train, k) if x.train else None
         mlflow.log_params({k: str(v) for k, v in params.items()})
         mlflow.log_metrics(_metrics(summary))
         for name, hist in _losses(out, summary).items():
@@ -70,7 +71,7 @@ def _mlflow(out: Path, summary: dict) -> None:
                 mlflow.log_artifact(str(out / f))
 
 
-def _tensorboard(out: Path, summary: dict) -> None:
+def _tensorboard(out: Path, summary: RunSummary) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(log_dir=str(out / "tensorboard"))

@@ -230,17 +230,17 @@ def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = N
     t0 = time.perf_counter()
     runner = EvalRunner(cfg, base_dir, run.out / "eval", limit=e.limit, use_cache=True)
     summary, rows = runner.run()
-    write_json(run.out / "eval" / "summary.json", summary)
+    summary.write(run.out / "eval" / "summary.json")
     release_models()
-    out: dict[str, Any] = {"config": e.config or e.data, "items": summary.get("n_items"),
-                           "metric": summary.get("metric"), "wall_s": round(time.perf_counter() - t0, 1),
+    out: dict[str, Any] = {"config": e.config or e.data, "items": summary.n_items,
+                           "metric": summary.metric, "wall_s": round(time.perf_counter() - t0, 1),
                            "variants": {}}
     if last is not None:
         out["ema"] = {}
-    for variant in sorted({r["variant"] for r in rows}):
-        by = {m.name: {r["item_id"]: bool(r["correct"]) for r in rows
-                       if r["variant"] == variant and r["model"] == m.name and r.get("sample", 0) == 0
-                       and r.get("correct") is not None} for m in models}
+    for variant in sorted({r.variant for r in rows}):
+        by = {m.name: {r.item_id: bool(r.correct) for r in rows
+                       if r.variant == variant and r.model == m.name and r.sample == 0 and r.correct is not None}
+              for m in models}
         out["variants"][variant] = paired_comparison(by["before"], by["after"], confidence=cfg.confidence,
                                                      seed=cfg.seed).model_dump(mode="json")
         if last is not None:
