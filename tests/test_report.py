@@ -9,7 +9,7 @@ from fakeserver import FakeServer
 from tunelab.config import EvalConfig, validate_as
 from tunelab.data.io import write_jsonl
 from tunelab.evaluate.runner import EvalRunner
-from tunelab.report.html import render_report, write_report
+from tunelab.evaluate.page import render as render_report, write as write_report
 
 LABELS = ["긍정", "부정", "중립"]
 EVIL = "<script>alert(1)</script>"

@@ -134,9 +134,9 @@ def eval_cmd(
     _print_table(summary)
     console.print(f"results: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
     if report:
-        from tunelab.report.html import write_report
+        from tunelab.evaluate import page
 
-        write_report(out / "report.html", summary, rows, title=summary.title)
+        page.write(out / "report.html", summary, rows)
         console.print(f"report: {out / 'report.html'}")
 
 

@@ -170,11 +170,12 @@ def run_experiment(path: str | Path, *, out: Path | None = None, force: Iterable
             on_stage(st.key, entry)
     logger.stage = None
 
-    from tunelab.run.report import build_summary, write_run_report
+    from tunelab.run import page
+    from tunelab.run.summary import build_summary
 
     summary = build_summary(out, state, r)
     summary.write(out / "summary.json")
-    write_run_report(out / "report.html", summary, out)
+    page.write(out / "report.html", summary, out)
     if r.exp.tracking:
         from tunelab.run.tracking import log_tracking
 

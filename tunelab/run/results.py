@@ -17,6 +17,7 @@ from pydantic import Field
 from tunelab.evaluate.results import TokenStats
 from tunelab.results import Result, Versioned
 from tunelab.stats import Interval, PairedComparison, proportion
+from tunelab.train.results import ForgettingResult
 
 __all__ = ["VsBaseline", "StageCost", "EvalStageResult", "GenerateStageResult", "TrainStageResult",
            "MethodHeadline", "EvalAfterStageResult", "ServeAnswer", "SmokeTest", "ServeStageResult", "StageResult",
@@ -79,7 +80,7 @@ class TrainStageResult(Result):
     lr: float
     epochs: float
     lora_r: int | None = None
-    forgetting: dict[str, Any] | None = None
+    forgetting: ForgettingResult | None = None
 
 
 class MethodHeadline(Result):
@@ -247,12 +248,15 @@ class MethodRow(Result):
     compliance: Interval | None = None
     vs_best: VsBaseline | None = None
     vs_before: VsBaseline | None = None
-    verdict: str | None = None
     sentence: str | None = None
 
     @property
     def evaluated(self) -> bool:
         return self.vs_best is not None and self.vs_best.n > 0
+
+    @property
+    def verdict(self) -> str:
+        return self.vs_best.verdict if self.evaluated else "not evaluated"
 
 
 class RunVerdict(Result):

@@ -120,7 +120,7 @@ class EvalStage:
                 "settings": r.exp.eval.model_dump(mode="json", exclude={"use_cache"}), "seed": r.exp.seed}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
-        from tunelab.report.html import write_report
+        from tunelab.evaluate import page
 
         r = ctx.r
         cfg = eval_config(r, r.prompts, [_model_cfg(r, "base")])
@@ -129,7 +129,7 @@ class EvalStage:
             yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
         ctx.log(f"eval: {len(r.prompts)} prompt(s) on {r.eval_data.name} with {r.model}")
         summary, rows = _run_eval(ctx, cfg, d)
-        write_report(d / "report.html", summary, rows, title=f"{r.name}: prompts")
+        page.write(d / "report.html", summary, rows, title=f"{r.name}: prompts")
         release_models()
         result = EvalStageResult(best=summary.best.variant if summary.best else None, n_items=summary.n_items,
                                  task=summary.task, accuracy={c.variant: c.metrics.get("accuracy")

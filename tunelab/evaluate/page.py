@@ -1,50 +1,23 @@
-"""A self-contained HTML report of an eval run: one file, charts inlined as SVG, no scripts, nothing fetched.
+"""The eval page: one self-contained HTML file from an eval's summary and result rows.
 
-``render_report`` turns the run summary (``summary.json``) and the per-item result rows into a page:
-the headline (best cell, which differences are significant), the table of cells, a bar chart of the main
-metric with its intervals, a confusion matrix per cell (label tasks), the items most cells got wrong, the
-prompt previews and the notes. All text goes through Jinja2 autoescaping.
+The headline (the best cell, which differences are significant), the table of cells, a bar chart of the main
+metric with its intervals, a confusion matrix per cell (label tasks), the items most cells got wrong, the cost,
+the prompt previews and the notes (``tunelab/report/templates/eval.html.jinja``).
 """
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
-
-import jinja2
+from typing import Sequence
 
 from tunelab.evaluate.results import Cell, EvalRow, EvalSummary
-from tunelab.report import plots
-from tunelab.stats import Interval, format_p
+from tunelab.report import plots, render_page, write_page
+from tunelab.stats import format_p
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["render", "write"]
 
 MAX_EXAMPLES = 20
-
-_env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), autoescape=True,
-                          trim_blocks=True, lstrip_blocks=True)
-
-
-# -- formatting ------------------------------------------------------------------------------------
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}"
-
-
-def _interval(m: Interval | None) -> str:
-    return "-" if not m else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "(none)"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-_env.filters.update(pct=_pct, interval=_interval, pvalue=format_p, show=_show)
 
 
 # -- view model ------------------------------------------------------------------------------------
@@ -144,18 +117,20 @@ def _context(summary: EvalSummary, results: Sequence[EvalRow], title: str) -> di
         "examples": examples, "failed_word": failed_word,
         "prompts": [{"name": n, "text": c.prompt_preview} for c, n in zip(cells, names) if c.prompt_preview],
         "notes": summary.notes, "environment": summary.environment,
+        "cost_rows": [{"stage": n, "wall_s": c.wall_s, "tokens": c.tokens.prompt_total + c.tokens.completion_total,
+                       "peak_rss_mb": None, "teacher_usd": None} for c, n in zip(cells, names)],
+        "cost_total": {"wall_s": sum(c.wall_s for c in cells),
+                       "tokens": sum(c.tokens.prompt_total + c.tokens.completion_total for c in cells),
+                       "peak_rss_mb": None, "teacher_usd": None},
+        "cached": sum(c.cached for c in cells), "answers": sum(c.n_items * c.n_samples for c in cells),
     }
 
 
-# -- entry points ----------------------------------------------------------------------------------
-def render_report(summary: EvalSummary, results: Sequence[EvalRow], *, title: str) -> str:
-    """The report as one HTML string (UTF-8, inline CSS and SVG, no external references)."""
-    return _env.get_template("template.html.jinja").render(**_context(summary, results, title))
+def render(summary: EvalSummary, results: Sequence[EvalRow], *, title: str | None = None) -> str:
+    """The page as one HTML string (UTF-8, inline CSS and SVG, no external references)."""
+    return render_page("eval.html.jinja", **_context(summary, results, title or summary.title or "eval"))
 
 
-def write_report(path: str | Path, summary: EvalSummary, results: Sequence[EvalRow], title: str | None = None) -> Path:
-    """Render the report and write it to ``path`` (UTF-8); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(summary, results, title=title or summary.title or "eval"), encoding="utf-8")
-    return path
+def write(path: str | Path, summary: EvalSummary, results: Sequence[EvalRow], title: str | None = None) -> Path:
+    """Render the page and write it to ``path``; returns the path."""
+    return write_page(path, "eval.html.jinja", **_context(summary, results, title or summary.title or "eval"))
