@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tunelab.errors import TunelabError
     from tunelab.generate.compare import CompareOptions, format_table, run_teacher_vs_gold
-    from tunelab.train.command import _parse_set
+    from tunelab.train.command import parse_set
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             concurrency=a.concurrency, max_cost_usd=a.max_cost_usd, use_cache=not a.no_cache,
             train_config=a.train_config, student_model=a.student_model, epochs=a.epochs, max_steps=a.max_steps,
             lr=a.lr, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size, lora_r=a.lora_r,
-            lora_alpha=a.lora_alpha, seed=a.seed, threads=a.threads, device=a.device, sets=_parse_set(a.sets))
+            lora_alpha=a.lora_alpha, seed=a.seed, threads=a.threads, device=a.device, sets=parse_set(a.sets))
         summary = run_teacher_vs_gold(opts, log=log)
     except TunelabError as e:
         print(f"error: {e}", file=sys.stderr)

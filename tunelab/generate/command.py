@@ -7,13 +7,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from tunelab.console import console, err_console, new_progress
 from tunelab.generate.results import GenerateDryRun, GenerateStats
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 def register(app: typer.Typer) -> None:
@@ -53,10 +50,7 @@ def generate_cmd(
                       eval_set=eval_set)
     progress = None
     if err_console.is_terminal and not dry_run:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        progress = Progress(TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=err_console, transient=True)
+        progress = new_progress(transient=True)
         task = progress.add_task("teacher", total=None)
         opts.progress = lambda done, total: progress.update(task, completed=done, total=total)
         progress.start()

@@ -221,9 +221,9 @@ def train_student(opts: CompareOptions, data: Path, prompt: Path, out: Path, log
     if cfg.method != "lora":
         raise ConfigError("the comparison trains LoRA adapters", where=str(opts.train_config or "<options>"))
     recipe = importlib.import_module("tunelab.train.lora")
-    from rich.console import Console
+    from tunelab.console import err_console
 
-    return recipe.run(cfg, log=log, console=Console(stderr=True))
+    return recipe.run(cfg, log=log, console=err_console)
 
 
 def evaluate_students(opts: CompareOptions, prompt: Path, model: str, adapters: dict[str, Path], log: Log

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from tunelab.console import console, log, new_progress, progress_factory
 from tunelab.run.results import (EvalAfterStageResult, EvalStageResult, GenerateStageResult, ServeStageResult,
                                  StageCost, StageRecord, TrainStageResult)
 from tunelab.stats import Interval
@@ -53,27 +54,21 @@ def run_cmd(
 ) -> None:
     """The whole loop from one experiment file: prompts -> teacher data -> fine-tuning -> eval against the
     best prompt -> serve. Each stage is cached by a hash of its inputs; one HTML report at the end."""
-    from rich.console import Console
     from rich.table import Table
 
-    from tunelab.cli import _new_progress, _progress_factory, err_console
     from tunelab.errors import ConfigError
     from tunelab.run.experiment import run_experiment
     from tunelab.stats import format_p
 
     if not experiment.is_file():
         raise ConfigError(f"no such file: {experiment}")
-    console = Console(width=None if Console().is_terminal else 160)
-
-    def log(msg: str) -> None:
-        err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
 
     def on_stage(key: str, st: StageRecord) -> None:
         console.print(_stage_line(key, st), highlight=False, markup=False)
 
-    with _new_progress() as progress:
+    with new_progress() as progress:
         summary = run_experiment(experiment, out=out, force=force, only=only, limit=limit, log=log,
-                                 progress=_progress_factory(progress), console=None, on_stage=on_stage)
+                                 progress=progress_factory(progress), console=None, on_stage=on_stage)
     folder = Path(out) if out is not None else Path("runs") / summary.name
     ds = summary.dataset
     t = Table(title=f"{summary.name}: {ds.name if ds else ''} ({ds.n_items if ds else '?'} items)")
@@ -107,13 +102,11 @@ def compare_cmd(
 ) -> None:
     """Print what differs between two runs: headline, metrics per prompt and tuned model, cost, config,
     environment, stages."""
-    from rich.console import Console
     from rich.table import Table
 
     from tunelab.run.compare import compare_runs
 
     sections = compare_runs(run_a, run_b)
-    console = Console(width=None if Console().is_terminal else 160)
     if not sections:
         console.print("no differences")
         return

@@ -10,7 +10,8 @@ import typer
 RECIPES = {"lora": "tunelab.train.lora", "full": "tunelab.train.full", "pretrain": "tunelab.train.pretrain"}
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as ``{"FIELD": value}``; each value is parsed as YAML (null, 1e-4, [a, b])."""
     import yaml
 
     from tunelab.errors import ConfigError
@@ -78,8 +79,7 @@ def train_cmd(
     import importlib
     import os
 
-    from rich.console import Console
-
+    from tunelab.console import err_console
     from tunelab.errors import ConfigError
     from tunelab.train.config import load_train_config
     from tunelab.train.loop import stderr_log
@@ -106,11 +106,10 @@ def train_cmd(
     }
     if batch_size is not None and micro_batch_size is None and config is None:
         overrides["train.micro_batch_size"] = min(batch_size, 8)
-    cfg = load_train_config(config, overrides, _parse_set(set_))
+    cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = importlib.import_module(RECIPES[cfg.method])
-    console = Console(stderr=True)
-    result = recipe.run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=console)
+    result = recipe.run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
     if dry_run and result:
         import json
 
