@@ -9,7 +9,7 @@ import pytest
 
 from tunelab.evaluate.runner import load_eval_config, load_variants
 from tunelab.prompts.spec import load_prompt_spec
-from tunelab.run.config import load_experiment
+from tunelab.run.resolve import load_experiment
 from tunelab.train.config import load_train_config
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

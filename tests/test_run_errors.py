@@ -68,7 +68,7 @@ def test_bad_experiment_is_one_line_with_file_and_line(case, tmp_path):
 
 def test_the_good_experiment_loads(tmp_path):
     """The base of the cases above is valid: each case fails for its own reason."""
-    from tunelab.run.config import load_experiment
+    from tunelab.run.resolve import load_experiment
 
     exp = tmp_path / "exp.yaml"
     exp.write_text(GOOD, encoding="utf-8")

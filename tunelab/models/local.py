@@ -13,7 +13,7 @@ import torch
 from tunelab.errors import ModelError
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
-from tunelab.models.scoring import PrefixScorer
+from tunelab.models.scoring import PrefixScorer, autocast_context  # noqa: F401 (train's loop imports it from here)
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -44,13 +44,6 @@ def _dir_identity(path: Path) -> str:
             st = f.stat()
             h.update(f"{f.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
-
-
-def autocast_context(device_type: str, dtype: torch.dtype | None):
-    """torch.autocast to ``dtype`` on ``device_type``; disabled (fp32) when ``dtype`` is None."""
-    if dtype is None:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=dtype)
 
 
 class LocalModel:

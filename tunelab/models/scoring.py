@@ -39,6 +39,13 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast to ``dtype`` on ``device_type``; disabled (fp32) when ``dtype`` is None."""
+    if dtype is None:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=dtype)
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers 5.x renamed ``past_key_values`` to ``cache`` on some versions; use what forward takes."""
     params = inspect.signature(model.forward).parameters
@@ -64,8 +71,6 @@ class PrefixScorer:
         self._cache_kw = _cache_kwarg(self.body)
 
     def _autocast(self):
-        from tunelab.models.local import autocast_context
-
         return autocast_context(next(self.model.parameters()).device.type, self.autocast_dtype)
 
     @torch.inference_mode()

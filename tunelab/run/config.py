@@ -155,17 +155,15 @@ def _loc(dotted: str) -> tuple:
     return tuple(int(x) if x.isdigit() else x for x in dotted.split(".")) if dotted else ()
 
 
-def load_experiment(path: str | Path, *, limit: int | None = None) -> "ResolvedExperiment":
-    """Load, validate and resolve an experiment file (paths, prompt specs, train configs): every input error
-    is raised here, before anything runs."""
-    p = Path(path)
-    raw = load_yaml(p)
+def read_experiment(path: Path) -> Experiment:
+    """Load and validate an experiment file (not yet resolved: see tunelab.run.resolve.load_experiment)."""
+    raw = load_yaml(path)
     if raw is None:
-        raise ConfigError("the file is empty", where=str(p))
+        raise ConfigError("the file is empty", where=str(path))
     if not isinstance(raw, dict):
-        raise ConfigError("expected a mapping of fields (name, data, prompts, train, ...)", where=f"{p}:1")
+        raise ConfigError("expected a mapping of fields (name, data, prompts, train, ...)", where=f"{path}:1")
     try:
-        exp = Experiment.model_validate(raw)
+        return Experiment.model_validate(raw)
     except ValidationError as e:
         dotted, msg = describe_validation_error(e, Experiment)
         loc = _loc(dotted)
@@ -175,10 +173,7 @@ def load_experiment(path: str | Path, *, limit: int | None = None) -> "ResolvedE
             m = re.match(r"^([a-z_]+(?:\.[A-Za-z0-9_]+)*): ", msg)
             if m:
                 loc = _loc(m.group(1))
-        raise ConfigError(msg, where=where(p, *loc)) from None
-    from tunelab.run.resolve import resolve
-
-    return resolve(exp, p.resolve(), limit=limit, shown=p)
+        raise ConfigError(msg, where=where(path, *loc)) from None
 
 
 @dataclass

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable
 
 from tunelab import __version__
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.run.config import ResolvedExperiment, load_experiment
+from tunelab.run.config import ResolvedExperiment
+from tunelab.run.resolve import load_experiment
 from tunelab.run.results import RunState, RunSummary, StageCost, StageRecord
 from tunelab.run.stages import Ctx, EvalAfterStage, EvalStage, GenerateStage, ServeStage, TrainStage
 from tunelab.run.util import PeakRss, Timer, environment, now, stable_hash, write_json

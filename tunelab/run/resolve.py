@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from tunelab.config import describe_validation_error, load_yaml
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.run.config import (TRAIN_SECTIONS, Experiment, MethodPlan, PromptRef, ResolvedExperiment, config_error,
-                                where)
+                                read_experiment, where)
 
 
 def _abs(base: Path, p: str) -> Path:
@@ -176,6 +176,13 @@ def resolve(exp: Experiment, resolved: Path, *, limit: int | None = None, shown:
         check_train_dict(r, plan, {**plan.base_data, "data": {**plan.base_data["data"], "prompt": "x.yaml"}})
         r.methods.append(plan)
     return r
+
+
+def load_experiment(path: str | Path, *, limit: int | None = None) -> ResolvedExperiment:
+    """Load, validate and resolve an experiment file (paths, prompt specs, train configs): every input error
+    is raised here, before anything runs."""
+    p = Path(path)
+    return resolve(read_experiment(p), p.resolve(), limit=limit, shown=p)
 
 
 def load_generate_dict(r: ResolvedExperiment) -> dict[str, Any]:
