@@ -8,7 +8,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from tunelab.config import EvalConfig
 from tunelab.console import console, fail, new_progress, progress_factory
+from tunelab.options import choices, field_option, given_fields, set_fields
 
 
 def register(app: typer.Typer) -> None:
@@ -16,6 +18,7 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_cmd(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Argument(None, help="Eval config YAML (variants x models x dataset)."),
     prompt: List[Path] = typer.Option([], "--prompt", "-p", help="Prompt spec YAML (quick form; repeatable)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Dataset JSONL/CSV (quick form)."),
@@ -24,16 +27,18 @@ def eval_cmd(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter directory on top of the model."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N items."),
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Output directory."),
-    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="Repeat each item N times (sampling)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="Sampling temperature."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
-    scoring: Optional[str] = typer.Option(None, "--scoring", help="auto | loglik | generate"),
+    samples: int = field_option(EvalConfig, "generation.samples", "--samples",
+                                help="Repeat each item N times (sampling)."),
+    temperature: float = field_option(EvalConfig, "generation.temperature", "--temperature",
+                                      help="Sampling temperature."),
+    max_new_tokens: int = field_option(EvalConfig, "generation.max_new_tokens", "--max-new-tokens"),
+    scoring: str = field_option(EvalConfig, "scoring", "--scoring", help=choices(EvalConfig, "scoring")),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print items, token estimate and cost; run nothing."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not fill the model-call cache."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html."),
 ) -> None:
     """Run prompt variants x models over a dataset; print the table, write results, summary and report."""
-    from tunelab.config import EvalConfig, ModelConfig, validate_as
+    from tunelab.config import ModelConfig, validate_as
     from tunelab.evaluate.runner import EvalRunner, load_eval_config
 
     if config is not None:
@@ -54,25 +59,15 @@ def eval_cmd(
                                        "variants": {n: str(p.resolve()) for n, p in zip(names, prompt)}},
                           "<command line>")
         base_dir = Path.cwd()
-    updates: dict = {}
-    gen = cfg.generation.model_dump()
-    if samples is not None:
-        gen["samples"] = samples
-    if temperature is not None:
-        gen["temperature"] = temperature
-    if max_new_tokens is not None:
-        gen["max_new_tokens"] = max_new_tokens
-    updates["generation"] = gen
-    if scoring is not None:
-        updates["scoring"] = scoring
+    settings = set_fields(cfg.model_dump(), given_fields(ctx, eval_cmd))
     if model is not None or adapter is not None:
         mcfgs = cfg.model_configs()
         base = mcfgs[0] if mcfgs else ModelConfig()
         models = [base.model_copy(update={"model": model if model is not None else base.model,
                                           "adapter": str(adapter.resolve()) if adapter else base.adapter,
                                           "name": None})]
-        updates["models"] = [mc.model_dump() for mc in models]
-    cfg = validate_as(EvalConfig, {**cfg.model_dump(), **updates}, config or "<command line>")
+        settings["models"] = [mc.model_dump() for mc in models]
+    cfg = validate_as(EvalConfig, settings, config or "<command line>")
     if cfg.generation.samples > 1 and cfg.generation.temperature == 0:
         fail("--samples > 1 needs --temperature > 0 (greedy decoding repeats the same answer)")
 

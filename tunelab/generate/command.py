@@ -10,7 +10,9 @@ import typer
 from rich.table import Table
 
 from tunelab.console import console, err_console, new_progress
+from tunelab.generate.config import GenerateConfig
 from tunelab.generate.results import GenerateDryRun, GenerateStats
+from tunelab.options import field_option, given_fields
 
 
 def register(app: typer.Typer) -> None:
@@ -18,9 +20,11 @@ def register(app: typer.Typer) -> None:
 
 
 def generate_cmd(
+    ctx: typer.Context,
     config: Path = typer.Argument(..., help="Generate config YAML (see examples/generate/ and docs/generate.md)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: output.dir or "
-                                                                 "runs/generate/<name>). Rerun to resume."),
+    out: Optional[Path] = field_option(GenerateConfig, "output.dir", "--out", "-o",
+                                       help="Output folder (default: output.dir or runs/generate/<name>). "
+                                            "Rerun to resume."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1,
                                         help="Use only the first N inputs (self-instruct: N new tasks)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count requests, tokens and cost; send nothing."),
@@ -29,11 +33,13 @@ def generate_cmd(
     batch_results: List[Path] = typer.Option([], "--batch-results",
                                              help="Ingest a Batch API results file (repeatable), then export."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor fill the response cache."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", min=1, max=1024,
-                                              help="Requests in flight (overrides teacher.concurrency)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Teacher model (overrides teacher.model)."),
-    base_url: Optional[str] = typer.Option(None, "--base-url", help="Endpoint (overrides teacher.base_url)."),
-    eval_set: Optional[Path] = typer.Option(None, "--eval-set",
+    concurrency: int = field_option(GenerateConfig, "teacher.concurrency", "--concurrency", "-c",
+                                    help="Requests in flight (overrides teacher.concurrency)."),
+    model: Optional[str] = field_option(GenerateConfig, "teacher.model", "--model", "-m",
+                                        help="Teacher model (overrides teacher.model)."),
+    base_url: Optional[str] = field_option(GenerateConfig, "teacher.base_url", "--base-url",
+                                           help="Endpoint (overrides teacher.base_url)."),
+    eval_set: Optional[Path] = field_option(GenerateConfig, "contamination.eval_path", "--eval-set",
                                             help="Report overlap of the generated data with this eval set."),
 ) -> None:
     """Have a teacher model label texts, answer questions, or invent tasks; write validated training data.
@@ -45,8 +51,9 @@ def generate_cmd(
         from tunelab.errors import ConfigError
 
         raise ConfigError(f"no such file: {config}")
+    concurrency_given = given_fields(ctx, generate_cmd).get("teacher.concurrency")  # else the config's
     opts = RunOptions(out=out, limit=limit, dry_run=dry_run, batch_api=batch_api, batch_results=list(batch_results),
-                      use_cache=not no_cache, concurrency=concurrency, model=model, base_url=base_url,
+                      use_cache=not no_cache, concurrency=concurrency_given, model=model, base_url=base_url,
                       eval_set=eval_set)
     progress = None
     if err_console.is_terminal and not dry_run:

@@ -8,6 +8,9 @@ from typing import List, Optional
 
 import typer
 
+from tunelab.options import field_option, given_fields
+from tunelab.serve.config import ServeConfig
+
 
 def _parse_adapters(items: list[str]) -> dict[str, str]:
     from tunelab.errors import ConfigError
@@ -25,32 +28,37 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def serve_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model: bundled (default) | HF dir | .gguf"),
+    ctx: typer.Context,
+    model: Optional[str] = field_option(ServeConfig, "model", "--model", "-m",
+                                       help="Base model: bundled (default) | HF dir | .gguf"),
     adapter: List[str] = typer.Option([], "--adapter", "-a",
                                       help="NAME=PATH of a PEFT LoRA adapter, served as model NAME (repeatable)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: this machine only)."),
-    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNELAB_API_KEY", show_default=False,
+    host: str = field_option(ServeConfig, "host", "--host", help="Interface to bind (default: this machine only)."),
+    port: int = field_option(ServeConfig, "port", "--port", "-p"),
+    api_key: Optional[str] = field_option(ServeConfig, "api_key", "--api-key", envvar="TUNELAB_API_KEY",
                                           show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' (prefer the env variable: "
                                                "a flag is visible in the process list)."),
-    served_model_name: Optional[str] = typer.Option(None, "--served-model-name",
+    served_model_name: Optional[str] = field_option(ServeConfig, "served_model_name", "--served-model-name",
                                                     help="The id clients send for the base model."),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Sequences decoded together in one step."),
-    max_concurrent: int = typer.Option(128, "--max-concurrent", min=1,
+    max_batch: int = field_option(ServeConfig, "max_batch", "--max-batch",
+                                  help="Sequences decoded together in one step."),
+    max_concurrent: int = field_option(ServeConfig, "max_concurrent", "--max-concurrent",
                                        help="Requests in flight; more get 429."),
-    max_prefill_tokens: int = typer.Option(4096, "--max-prefill-tokens", min=16,
+    max_prefill_tokens: int = field_option(ServeConfig, "max_prefill_tokens", "--max-prefill-tokens",
                                            help="Padded prompt tokens prefilled in one forward pass."),
-    max_loaded_adapters: int = typer.Option(4, "--max-loaded-adapters", min=1, help="Adapters kept loaded (LRU)."),
-    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1024, help="Larger bodies get 413."),
-    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", min=1,
+    max_loaded_adapters: int = field_option(ServeConfig, "max_loaded_adapters", "--max-loaded-adapters",
+                                            help="Adapters kept loaded (LRU)."),
+    max_body_bytes: int = field_option(ServeConfig, "max_body_bytes", "--max-body-bytes",
+                                       help="Larger bodies get 413."),
+    max_prompt_tokens: Optional[int] = field_option(ServeConfig, "max_prompt_tokens", "--max-prompt-tokens",
                                                     help="Longer prompts get 400 (default: the context length)."),
-    max_tokens_limit: int = typer.Option(2048, "--max-tokens-limit", min=1,
+    max_tokens_limit: int = field_option(ServeConfig, "max_tokens_limit", "--max-tokens-limit",
                                          help="The largest max_tokens a request may ask for."),
-    default_max_tokens: int = typer.Option(512, "--default-max-tokens", min=1,
+    default_max_tokens: int = field_option(ServeConfig, "default_max_tokens", "--default-max-tokens",
                                            help="max_tokens of chat requests that name none."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 (autocast)"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    dtype: str = field_option(ServeConfig, "dtype", "--dtype", help="auto | float32 | bfloat16 (autocast)"),
+    device: str = field_option(ServeConfig, "device", "--device", help="auto | cpu | cuda"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="torch CPU threads (default: torch's choice; 1 is often "
                                                "faster on a busy machine)."),
@@ -63,15 +71,12 @@ def serve_cmd(
     from tunelab.config import format_validation_error
     from tunelab.errors import ConfigError
     from tunelab.serve.app import build_app
-    from tunelab.serve.config import ServeConfig
 
+    settings = given_fields(ctx, serve_cmd)
+    if not api_key:  # an empty TUNELAB_API_KEY is no key
+        settings.pop("api_key", None)
     try:
-        cfg = ServeConfig(model=model, served_model_name=served_model_name, adapters=_parse_adapters(adapter),
-                          host=host, port=port, api_key=api_key or None, device=device, dtype=dtype,
-                          max_batch=max_batch, max_concurrent=max_concurrent, max_prefill_tokens=max_prefill_tokens,
-                          max_loaded_adapters=max_loaded_adapters, max_body_bytes=max_body_bytes,
-                          max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
-                          default_max_tokens=default_max_tokens)
+        cfg = ServeConfig(adapters=_parse_adapters(adapter), **settings)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e), where="<command line>") from None
     if threads is not None:

@@ -7,6 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from tunelab.options import choices, field_default, field_option, given_fields
+from tunelab.train.config import TrainConfig
+
 RECIPES = {"lora": "tunelab.train.lora", "full": "tunelab.train.full", "pretrain": "tunelab.train.pretrain"}
 
 
@@ -26,47 +29,59 @@ def parse_set(items: list[str]) -> dict:
 
 
 def train_cmd(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Argument(None, help="Train config YAML (flags override its fields)."),
-    method: Optional[str] = typer.Option(None, "--method", help="lora | full | pretrain"),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Training data (JSONL, .txt, or a folder)."),
-    prompt: Optional[Path] = typer.Option(None, "--prompt", "-p", help="PromptSpec YAML for labelled items."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="auto | chat | alpaca | sharegpt | text | prompt"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="bundled | HF dir | .gguf"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory."),
-    limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N records."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs (may be fractional)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N optimizer steps."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Examples per optimizer step."),
-    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", min=1, help="Examples per forward."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=8),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Padding-free packed rows."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", min=1),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
-    target_modules: Optional[str] = typer.Option(None, "--target-modules",
-                                                 help="all-linear or comma-separated names (q_proj,v_proj)"),
-    init_adapter: Optional[Path] = typer.Option(
-        None, "--init-adapter", help="LoRA: start from this adapter (continue it, or carry it to a related task)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto | bfloat16 | float32 (autocast)"),
-    activation_checkpointing: Optional[bool] = typer.Option(
-        None, "--activation-checkpointing/--no-activation-checkpointing", help="Recompute activations in backward."),
-    prompt_loss_weight: Optional[float] = typer.Option(
-        None, "--prompt-loss-weight", min=0.0,
+    method: str = field_option(TrainConfig, "method", "--method", help=choices(TrainConfig, "method")),
+    data: Optional[Path] = field_option(TrainConfig, "data.path", "--data", "-d",
+                                        help="Training data (JSONL, .txt, or a folder)."),
+    prompt: Optional[Path] = field_option(TrainConfig, "data.prompt", "--prompt", "-p",
+                                          help="PromptSpec YAML for labelled items."),
+    data_format: str = field_option(TrainConfig, "data.format", "--format", help=choices(TrainConfig, "data.format")),
+    model: Optional[str] = field_option(TrainConfig, "model", "--model", "-m", help="bundled | HF dir | .gguf"),
+    out: Path = field_option(TrainConfig, "out", "--out", "-o", help="Output directory."),
+    limit: Optional[int] = field_option(TrainConfig, "data.limit", "--limit", "-n",
+                                        help="Use only the first N records."),
+    epochs: float = field_option(TrainConfig, "train.epochs", "--epochs", help="Epochs (may be fractional)."),
+    max_steps: Optional[int] = field_option(TrainConfig, "train.max_steps", "--max-steps",
+                                            help="Stop after N optimizer steps."),
+    lr: float = field_option(TrainConfig, "optim.lr", "--lr", help="Peak learning rate."),
+    batch_size: int = field_option(TrainConfig, "train.batch_size", "--batch-size",
+                                   help="Examples per optimizer step."),
+    micro_batch_size: int = field_option(TrainConfig, "train.micro_batch_size", "--micro-batch-size",
+                                         help="Examples per forward."),
+    max_seq_len: int = field_option(TrainConfig, "data.max_seq_len", "--max-seq-len"),
+    packing: bool = field_option(TrainConfig, "train.packing", "--packing/--no-packing",
+                                 help="Padding-free packed rows."),
+    lora_r: int = field_option(TrainConfig, "lora.r", "--lora-r"),
+    lora_alpha: float = field_option(TrainConfig, "lora.alpha", "--lora-alpha"),
+    target_modules: str = field_option(TrainConfig, "lora.target_modules", "--target-modules",
+                                       help="all-linear or comma-separated names (q_proj,v_proj)"),
+    init_adapter: Optional[Path] = field_option(
+        TrainConfig, "lora.init_adapter", "--init-adapter",
+        help="LoRA: start from this adapter (continue it, or carry it to a related task)."),
+    seed: int = field_option(TrainConfig, "train.seed", "--seed"),
+    dtype: str = field_option(TrainConfig, "train.dtype", "--dtype",
+                              help=choices(TrainConfig, "train.dtype") + " (autocast)"),
+    activation_checkpointing: bool = field_option(
+        TrainConfig, "train.activation_checkpointing", "--activation-checkpointing/--no-activation-checkpointing",
+        help="Recompute activations in backward."),
+    prompt_loss_weight: float = field_option(
+        TrainConfig, "train.prompt_loss_weight", "--prompt-loss-weight",
         help="SFT: also train the prompt tokens, their mean loss weighted W x the answer's (0: answers only)."),
-    ema_decay: Optional[float] = typer.Option(
-        None, "--ema-decay",
+    ema_decay: Optional[float] = field_option(
+        TrainConfig, "train.ema_decay", "--ema-decay",
         help="Save a moving average of the weights (e.g. 0.998) as the result, the last weights beside it."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", min=1,
+    checkpoint_every: Optional[int] = field_option(TrainConfig, "checkpoint.every_steps", "--checkpoint-every",
                                                    help="Save a resumable checkpoint every N steps."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data",
+    eval_data: Optional[Path] = field_option(TrainConfig, "eval.data", "--eval-data",
                                              help="Held-out labelled items: accuracy before/after training."),
-    eval_config: Optional[Path] = typer.Option(None, "--eval-config", help="An eval YAML run before/after."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", min=1),
-    forgetting: Optional[Path] = typer.Option(None, "--forgetting",
+    eval_config: Optional[Path] = field_option(TrainConfig, "eval.config", "--eval-config",
+                                               help="An eval YAML run before/after."),
+    eval_limit: Optional[int] = field_option(TrainConfig, "eval.limit", "--eval-limit"),
+    forgetting: Optional[Path] = field_option(TrainConfig, "forgetting.data", "--forgetting",
                                               help="General data for the forgetting probe (perplexity before/after)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+    device: str = field_option(TrainConfig, "train.device", "--device", help=choices(TrainConfig, "train.device")),
+    threads: Optional[int] = field_option(TrainConfig, "train.threads", "--threads", help="torch CPU threads."),
     set_: List[str] = typer.Option([], "--set", help="Any field: --set optim.warmup_ratio=0.1 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print token statistics and the first "
@@ -87,25 +102,11 @@ def train_cmd(
     if config is None and data is None:
         raise ConfigError("give a train config YAML, or --data FILE (with --prompt SPEC.yaml for labelled items); "
                           "see `tunelab train --help`", where="<command line>")
-    overrides = {
-        "method": method, "model": model, "out": str(out) if out else None,
-        "data.path": str(data) if data else None, "data.prompt": str(prompt) if prompt else None,
-        "data.format": data_format, "data.limit": limit, "data.max_seq_len": max_seq_len,
-        "train.epochs": epochs, "train.max_steps": max_steps, "optim.lr": lr, "train.batch_size": batch_size,
-        "train.micro_batch_size": micro_batch_size, "train.packing": packing, "train.seed": seed,
-        "train.dtype": dtype, "train.activation_checkpointing": activation_checkpointing,
-        "train.device": device, "train.threads": threads,
-        "train.prompt_loss_weight": prompt_loss_weight, "train.ema_decay": ema_decay,
-        "lora.r": lora_r, "lora.alpha": lora_alpha,
-        "lora.target_modules": ([s.strip() for s in target_modules.split(",")] if target_modules and
-                                target_modules != "all-linear" else target_modules),
-        "lora.init_adapter": str(init_adapter) if init_adapter else None,
-        "checkpoint.every_steps": checkpoint_every,
-        "eval.data": str(eval_data) if eval_data else None, "eval.config": str(eval_config) if eval_config else None,
-        "eval.limit": eval_limit, "forgetting.data": str(forgetting) if forgetting else None,
-    }
-    if batch_size is not None and micro_batch_size is None and config is None:
-        overrides["train.micro_batch_size"] = min(batch_size, 8)
+    overrides = given_fields(ctx, train_cmd)
+    if "lora.target_modules" in overrides and target_modules != "all-linear":
+        overrides["lora.target_modules"] = [s.strip() for s in target_modules.split(",")]
+    if "train.batch_size" in overrides and "train.micro_batch_size" not in overrides and config is None:
+        overrides["train.micro_batch_size"] = min(batch_size, field_default(TrainConfig, "train.micro_batch_size"))
     cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = importlib.import_module(RECIPES[cfg.method])
