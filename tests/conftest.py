@@ -31,6 +31,14 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+def pytest_configure(config):
+    """The CLI's list of unavoidable third-party warnings, ignored here as there (one filter each)."""
+    from tunelab.console import THIRD_PARTY_WARNINGS
+
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}:{module}")
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 600):
     """Run the real `tunelab` CLI in a subprocess (as a user would)."""
     import subprocess

@@ -48,7 +48,7 @@ def test_packed_equals_padded_equals_naive(tiny_llama):
         tiny_llama.zero_grad()
         loss = batch_loss(lm, batch) if batch is not None else naive_loss(tiny_llama, exs)
         loss.backward()
-        results.append((float(loss), grads(tiny_llama)))
+        results.append((float(loss.detach()), grads(tiny_llama)))
     (lp, gp), (ld, gd), (ln, gn) = results
     assert lp == pytest.approx(ln, rel=1e-5) and ld == pytest.approx(ln, rel=1e-5)
     for name in gn:
@@ -75,7 +75,7 @@ def test_varlen_attention_equals_naive(tiny_llama):
     model.zero_grad()
     ref = naive_loss(model, exs)  # without segments: plain SDPA
     ref.backward()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     for name, g in grads(model).items():
         torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-6)
 
@@ -85,7 +85,7 @@ def test_chunked_head_equals_single_pass(tiny_llama):
     batch = collate(exs, packing=True, pack_len=128)
     a = batch_loss(SupervisedLoss(tiny_llama), batch)
     b = batch_loss(SupervisedLoss(tiny_llama, head_chunk=7), batch)
-    assert float(a) == pytest.approx(float(b), rel=1e-6)
+    assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-6)
 
 
 def test_mask_blocks_attention_across_sequences():

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from tunelab import __version__
-from tunelab.console import console, err_console, print_error
+from tunelab.console import console, err_console, print_error, quiet_libraries
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="tunelab: measure prompts, generate teacher data, fine-tune and serve small LMs.",
@@ -34,7 +34,7 @@ for _name in COMMAND_MODULES:
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app(standalone_mode=True)
     except TunelabError as e:
@@ -43,18 +43,6 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""What every command prints with: the stdout and stderr consoles, the progress bars, and the one-line error."""
+"""What every command prints with: the stdout and stderr consoles, the progress bars, the one-line error, and
+which library noise is kept off stderr."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable, NoReturn
 
 import typer
@@ -45,3 +47,38 @@ def progress_factory(progress) -> Callable[[str, int], Callable[[int], None]]:
         return lambda n: progress.advance(task, n)
 
     return make
+
+
+# Warnings raised inside third-party code that tunelab cannot avoid: (message, category, module), as regular
+# expressions for warnings.filterwarnings. The CLI ignores exactly these; tests/conftest.py has pytest ignore them.
+THIRD_PARTY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
+    # peft's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers 5 deprecates: every
+    # adapter that is trained, loaded or merged raises it; tunelab never reads the property.
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils\Z"),
+    # The embedding recipes train embed_tokens (lora.modules_to_save) of SmolLM2, whose output head is tied to it.
+    # PEFT suggests ensure_weight_tying=True, which would tie the trained copy into lm_head as well: another model
+    # than the one each recipe was measured with (the head stays the base's).
+    ("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter", UserWarning,
+     r"peft\.tuners\.tuners_utils\Z"),
+    # Merging such an adapter gives the model a trained input embedding beside the base's output head; PEFT unties
+    # them in the merged config, which is what that model needs (tunelab merge, tunelab/train/merge.py).
+    ("Input and output embeddings are no longer tied after merging", UserWarning, r"peft\.tuners\.tuners_utils\Z"),
+    # The server's LRU eviction deletes an adapter PEFT counts as active, and PEFT activates another; serving routes
+    # every row by adapter_names, so which adapter is active is never used (tunelab/serve/adapters.py).
+    ("Adapter .* was active which is now deleted", UserWarning, r"peft\.tuners\.tuners_utils\Z"),
+)
+
+
+def quiet_libraries() -> None:
+    """Before a command runs: the hub offline, no transformers advisories or hub progress bars, and the known
+    third-party warnings above ignored (one by one: any other warning still shows)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for message, category, module in THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
