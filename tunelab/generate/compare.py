@@ -206,7 +206,7 @@ def train_student(opts: CompareOptions, data: Path, prompt: Path, out: Path, log
     """One LoRA adapter with the comparison's recipe on a chat JSONL file; returns the train report."""
     import importlib
 
-    from tunelab.train.config import load_train_config
+    from tunelab.train.config import LoopConfig, load_train_config
 
     overrides = {"method": "lora", "model": opts.student_model, "out": str(out), "data.path": str(data),
                  "data.format": "chat", "data.prompt": str(prompt), "train.epochs": opts.epochs,
@@ -215,7 +215,7 @@ def train_student(opts: CompareOptions, data: Path, prompt: Path, out: Path, log
                  "lora.alpha": opts.lora_alpha, "train.seed": opts.seed, "train.threads": opts.threads,
                  "train.device": opts.device}
     if opts.batch_size is not None and opts.micro_batch_size is None:
-        overrides["train.micro_batch_size"] = min(opts.batch_size, 8)
+        overrides["train.micro_batch_size"] = min(opts.batch_size, LoopConfig().micro_batch_size)
     sets = {"eval": None, "forgetting": None, "checkpoint.every_steps": None, "data.limit": None, **opts.sets}
     cfg = load_train_config(opts.train_config, overrides, sets)
     if cfg.method != "lora":
