@@ -77,3 +77,16 @@ def test_quick_form_needs_prompt_and_data():
 def test_help_everywhere(cmd):
     r = run_cli(*cmd)
     assert r.returncode == 0 and "Usage" in r.stdout
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("eval", "--samples", "1000", "--prompt", "p.yaml", "--data", "d.jsonl"), ("eval:", "--samples", "100")),
+    (("serve", "--port", "-5"), ("serve:", "--port", "greater than or equal to 0")),
+    (("train", "--lr", "5", "--data", "d.jsonl"), ("train:", "--lr")),
+    (("prompt", "render", "--bogus"), ("prompt render:", "No such option: --bogus", "tunelab prompt render --help")),
+    (("nosuch",), ("No such command 'nosuch'", "tunelab --help")),
+])
+def test_command_line_mistakes_are_one_line(args, needles):
+    """typer's own usage errors (an unknown command or option, a value outside the config field's bounds) are one
+    `error:` line too, naming the command and where its help is, not a framed box."""
+    assert_clean_error(run_cli(*args), "error: ", *needles)

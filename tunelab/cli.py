@@ -32,17 +32,35 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback: our own errors
+    (TunelabError) and the command line's (an unknown command or option, a value out of its bounds)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
     try:
-        app(standalone_mode=True)
+        code = app(standalone_mode=False)  # click returns what a standalone run would exit with
     except TunelabError as e:
         print_error(str(e))
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except typer.TyperException as e:  # the command line's own errors (typer's click: UsageError and kin)
+        if type(e).__name__ != "NoArgsIsHelpError":  # (`tunelab` alone: typer has printed the help already)
+            print_error(usage_line(e))
+        sys.exit(getattr(e, "exit_code", 2))
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def usage_line(e: typer.TyperException) -> str:
+    """A command-line mistake in one line, with where to read more: ``eval: Invalid value for '--samples': ...
+    (see `tunelab eval --help`)``."""
+    names, ctx = [], getattr(e, "ctx", None)
+    while ctx is not None and ctx.parent is not None:  # the command's names below the program, however it ran
+        names.insert(0, ctx.info_name)
+        ctx = ctx.parent
+    path = " ".join(names)
+    where = f"{path}: " if path else ""
+    return f"{where}{e.format_message()} (see `tunelab {path + ' ' if path else ''}--help`)"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from scipy import stats as _st
 
 __all__ = ["Interval", "McNemarResult", "PairedComparison", "wilson_interval", "proportion", "bootstrap_ci",
            "mcnemar_exact", "paired_bootstrap_diff", "paired_comparison", "holm_adjust", "with_holm", "verdict",
-           "format_p", "paired_sentence"]
+           "format_p", "format_interval", "format_diff", "paired_sentence"]
 
 # A statistic for the bootstrap: takes the resampled arrays, each of shape (B, n, ...) (B resamples of the
 # n units along the first axis), and returns shape (B,).
@@ -280,6 +280,16 @@ def format_p(p: float | None) -> str:
     if p is None or p != p:
         return "-"
     return "<0.001" if p < 0.001 else f"{p:.3g}"
+
+
+def format_interval(m: Interval | None) -> str:
+    """A proportion and its interval in percent, as every table prints it: ``62.5 [55.1, 69.4]`` (``-`` for none)."""
+    return "-" if m is None else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
+
+
+def format_diff(d: Interval | None) -> str:
+    """A difference of proportions in points with its interval: ``+2.0 [-1.5, +5.5]`` (``-`` for none)."""
+    return "-" if d is None else f"{d.value * 100:+.1f} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
 
 
 def paired_sentence(b_name: str, a_name: str, c: PairedComparison, *, test: str = "McNemar") -> str:

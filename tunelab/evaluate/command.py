@@ -106,12 +106,6 @@ def _print_dry_run(plans: list) -> None:
         console.print(f"estimated cost at most: ${total:.4f}")
 
 
-def _fmt_metric(m) -> str:
-    if not m:
-        return "-"
-    return f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
-
-
 def _print_table(summary) -> None:
     """The eval's results table (an EvalSummary) on stdout."""
     metric = summary.metric
@@ -122,18 +116,18 @@ def _print_table(summary) -> None:
     cols += ["compliance %", "tok/item", "ms/item", "p vs best", "verdict"]
     for c in cols:
         t.add_column(c, justify="left" if c in ("variant", "model", "mode", "verdict") else "right")
-    from tunelab.stats import format_p
+    from tunelab.stats import format_interval, format_p
 
     for c in summary.cells:
         comp, is_best = c.comparison, summary.is_best(c)
         word = summary.cell_verdict(c)
         style = "bold green" if is_best else "red" if comp is not None and comp.significant else ""
-        row = [c.variant, c.model, c.mode, _fmt_metric(c.metrics.get(metric))]
+        row = [c.variant, c.model, c.mode, format_interval(c.metrics.get(metric))]
         if summary.task == "label":
-            row.append(_fmt_metric(c.metrics.get("macro_f1")))
-        row += [_fmt_metric(c.metrics.get("compliance")), f"{c.tokens.prompt_mean:.0f}", f"{c.latency_ms.mean:.0f}",
+            row.append(format_interval(c.metrics.get("macro_f1")))
+        row += [format_interval(c.metrics.get("compliance")), f"{c.tokens.prompt_mean:.0f}", f"{c.latency_ms.mean:.0f}",
                 "-" if is_best or comp is None else format_p(comp.p), f"[{style}]{word}[/]" if style else word]
         t.add_row(*row)
     console.print(t)
     for n in summary.notes:
-        console.print(f"  - {n}", highlight=False)
+        console.print(f"  - {n}", highlight=False, markup=False)

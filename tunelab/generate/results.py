@@ -15,8 +15,8 @@ from pydantic import Field
 
 from tunelab.results import Result, Versioned
 
-__all__ = ["TeacherInfo", "DropCounts", "RequestCounts", "TokenCounts", "Latency", "Agreement", "Accuracy", "GenerateStats",
-           "GenerateDryRun"]
+__all__ = ["TeacherInfo", "DropCounts", "RequestCounts", "TokenCounts", "Latency", "Agreement", "Accuracy",
+           "GenerateStats", "GenerateDryRun"]
 
 
 class TeacherInfo(Result):

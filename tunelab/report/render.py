@@ -9,7 +9,7 @@ from typing import Any
 
 import jinja2
 
-from tunelab.stats import format_p
+from tunelab.stats import format_diff, format_interval, format_p
 
 __all__ = ["render_page", "write_page", "environment"]
 
@@ -20,21 +20,13 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:.1f}"
 
 
-def _interval(m: Any) -> str:
-    """An Interval (value, low, high as fractions) as ``12.3 [10.1, 14.6]`` (percent)."""
-    return "-" if not m else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
-
-
 def _points(x: float | None) -> str:
     return "-" if x is None else f"{x * 100:+.1f}"
 
 
 def _diff(c: Any) -> str:
     """A comparison's difference (an Interval ``diff``, in points) as ``+2.0 [-1.5, +5.5]``."""
-    if not c or not getattr(c, "n", 0) or getattr(c, "diff", None) is None:
-        return "-"
-    d = c.diff
-    return f"{d.value * 100:+.1f} [{d.low * 100:+.1f}, {d.high * 100:+.1f}]"
+    return format_diff(c.diff) if c and getattr(c, "n", 0) else "-"
 
 
 def _secs(s: float | None) -> str:
@@ -59,7 +51,7 @@ def _thousands(n: int | float | None) -> str:
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True,
                              lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(pct=_pct, interval=_interval, points=_points, diffci=_diff, pvalue=format_p, secs=_secs,
+    env.filters.update(pct=_pct, interval=format_interval, points=_points, diffci=_diff, pvalue=format_p, secs=_secs,
                        show=_show, thousands=_thousands)
     return env
 

@@ -10,11 +10,7 @@ import typer
 from tunelab.console import console, log, new_progress, progress_factory
 from tunelab.run.results import (EvalAfterStageResult, EvalStageResult, GenerateStageResult, ServeStageResult,
                                  StageCost, StageRecord, TrainStageResult)
-from tunelab.stats import Interval
-
-
-def _fmt(m: Interval | None) -> str:
-    return "-" if not m else f"{m.value * 100:.1f} [{m.low * 100:.1f}, {m.high * 100:.1f}]"
+from tunelab.stats import format_interval
 
 
 def _stage_line(key: str, st: StageRecord) -> str:
@@ -22,7 +18,8 @@ def _stage_line(key: str, st: StageRecord) -> str:
     action = st.action or st.status
     what = ""
     if isinstance(res, EvalStageResult):
-        what = f"best prompt {res.best} {_fmt(res.accuracy.get(res.best) if res.best else None)} on {res.n_items} items"
+        acc = res.accuracy.get(res.best) if res.best else None
+        what = f"best prompt {res.best} {format_interval(acc)} on {res.n_items} items"
     elif isinstance(res, GenerateStageResult):
         what = f"{res.kept} rows kept from teacher {res.teacher}" + (
             f", ${res.cost_usd:.4f}" if res.cost_usd is not None else "")
@@ -30,7 +27,7 @@ def _stage_line(key: str, st: StageRecord) -> str:
         what = (f"{res.method}: {res.steps} steps, loss {res.loss_first or 0:.3f} -> {res.loss_last or 0:.3f}, "
                 f"{res.tok_s or 0:.0f} tok/s")
     elif isinstance(res, EvalAfterStageResult):
-        what = "; ".join(f"{n} {_fmt(m.accuracy)}" for n, m in res.methods.items())
+        what = "; ".join(f"{n} {format_interval(m.accuracy)}" for n, m in res.methods.items())
     elif isinstance(res, ServeStageResult):
         what = ("smoke test ok: " + ", ".join(f"{a.model} -> {a.answer!r}" for a in res.smoke.answers)) \
             if res.smoke else res.commands[0]
@@ -58,7 +55,7 @@ def run_cmd(
 
     from tunelab.errors import ConfigError
     from tunelab.run.experiment import run_experiment
-    from tunelab.stats import format_p
+    from tunelab.stats import format_diff, format_p
 
     if not experiment.is_file():
         raise ConfigError(f"no such file: {experiment}")
@@ -75,15 +72,16 @@ def run_cmd(
     for col in ("model", "prompt", "accuracy % [95% CI]", "vs best prompt", "p (Holm)", "verdict"):
         t.add_column(col, justify="right" if col in ("vs best prompt", "p (Holm)") else "left")
     for p in summary.prompts or []:
-        t.add_row("base", p.variant, _fmt(p.accuracy), "-" if p.is_best else f"{(p.diff_vs_best or 0) * 100:+.1f}",
+        t.add_row("base", p.variant, format_interval(p.accuracy),
+                  "-" if p.is_best else f"{(p.diff_vs_best or 0) * 100:+.1f}",
                   "-" if p.is_best or p.p_holm is None else format_p(p.p_holm), p.verdict)
     for m in summary.methods:
         if not m.evaluated:
             t.add_row(m.name, m.prompt or "-", "-", "-", "-", "not evaluated")
             continue
         v = m.vs_best
-        t.add_row(m.name, m.prompt, _fmt(m.accuracy),
-                  f"{v.diff.value * 100:+.1f} [{v.diff.low * 100:+.1f}, {v.diff.high * 100:+.1f}]", format_p(v.p),
+        t.add_row(m.name, m.prompt, format_interval(m.accuracy),
+                  format_diff(v.diff), format_p(v.p),
                   v.verdict)
     console.print(t)
     console.print(summary.verdict.text, highlight=False, markup=False, soft_wrap=True)

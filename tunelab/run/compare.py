@@ -110,8 +110,9 @@ def compare_runs(a_dir: Path, b_dir: Path) -> list[tuple[str, list[tuple[str, ..
     ra, rb = flatten(a.resolved.get("experiment")), flatten(b.resolved.get("experiment"))
     ra.update(flatten({"train_config": a.resolved.get("train")}))
     rb.update(flatten({"train_config": b.resolved.get("train")}))
-    ra.update(flatten({"prompt_hash": {k: str(v.get("hash"))[:12] for k, v in (a.resolved.get("prompts") or {}).items()}}))
-    rb.update(flatten({"prompt_hash": {k: str(v.get("hash"))[:12] for k, v in (b.resolved.get("prompts") or {}).items()}}))
+    for flat, folder in ((ra, a), (rb, b)):
+        prompts = folder.resolved.get("prompts") or {}
+        flat.update(flatten({"prompt_hash": {k: str(v.get("hash"))[:12] for k, v in prompts.items()}}))
     ra["limit"], rb["limit"] = a.resolved.get("limit"), b.resolved.get("limit")
     rows = []
     for k in sorted(set(ra) | set(rb)):
@@ -136,8 +137,8 @@ def compare_runs(a_dir: Path, b_dir: Path) -> list[tuple[str, list[tuple[str, ..
         x, y = sta.get(k), stb.get(k)
         hx, hy = (x.hash if x else None), (y.hash if y else None)
         if hx != hy or (x and x.status) != (y and y.status):
-            rows.append((k, f"{x.status if x else '-'} {(hx or '')[:10]}", f"{y.status if y else '-'} {(hy or '')[:10]}",
-                         "same inputs" if hx == hy else "inputs differ"))
+            rows.append((k, f"{x.status if x else '-'} {(hx or '')[:10]}",
+                         f"{y.status if y else '-'} {(hy or '')[:10]}", "same inputs" if hx == hy else "inputs differ"))
     sections.append(("stages", rows))
     return [(t, r) for t, r in sections if r]
 
