@@ -485,3 +485,14 @@ def test_resolved_dict_is_a_self_contained_copy(tmp_path):
     copy.write_text(yaml.safe_dump(s.resolved_dict(), allow_unicode=True), encoding="utf-8")
     c = load_prompt_spec(copy)
     assert c.render({"text": "t"}) == s.render({"text": "t"}) and c.content_hash() == s.content_hash()
+
+
+def test_input_fields_are_what_the_template_reads():
+    """What a teacher may be sent of an item (generate.inputs: train): the fields the input template reads."""
+    from tunelab.prompts import spec_from_dict
+
+    spec = spec_from_dict({"instruction": "x", "input_template": "{{ title }}: {{ text | romanize }} {% if n %}{{ n }}"
+                                                                 "{% endif %}",
+                           "output": {"type": "label", "labels": ["a", "b"]}}, base_dir=Path("."), source="t")
+    assert spec.input_fields() == ["n", "text", "title"]
+    assert load_prompt_spec(Path(__file__).resolve().parents[1] / "examples" / "prompts" / "sentiment_binary.yaml").input_fields() == ["text"]

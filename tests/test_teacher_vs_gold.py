@@ -1,165 +1,63 @@
-"""Teacher labels vs gold labels end to end (examples/teacher_vs_gold.py, tunelab/generate/compare.py).
+"""Teacher labels vs gold labels end to end, as an experiment of `tunelab run` (the stages of
+examples/experiments/teacher_vs_gold.yaml: ``generate.inputs: train``, ``items: generated``, ``eval_after.compare``).
 
-The teacher is the fault-injecting fake server on 127.0.0.1, programmed to give the gold label of each known
-training text except for every 4th text, where it gives the other label: so the agreement numbers are known
-exactly. The script runs as a user runs it (a subprocess), labels, trains two LoRA adapters and evaluates
-them; the test checks the files it writes, the numbers, and that the API key is nowhere.
+The teacher is the fault-injecting fake server on 127.0.0.1, programmed to give the gold label of each known training
+text except for every 4th text, where it gives the other label: so the agreement numbers are known exactly. The
+students are a tiny random Llama with the bundled tokenizer; the run is the real CLI in a subprocess. The test checks
+what the teacher was sent, the numbers, the two students' data and recipe, the head-to-head comparison recomputed
+from the per-item results, and that the API key is nowhere.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import subprocess
-import sys
 import threading
 
 import pytest
 import yaml
+from scipy.stats import binomtest
 
 from fakeserver import FakeServer, Fault
-from tunelab.errors import DataError
-from test_generate_helpers import EXAMPLES, ROOT, SENTINEL, assert_no_secret, read_jsonl, write_config
+from test_generate_helpers import EXAMPLES, SENTINEL, assert_no_secret
+from test_run_support import DEV, SHORT, TRAIN, assert_clean_error, ok, read_jsonl, run_env, tunelab, \
+    write_experiment
+from test_train_support import tiny_model_dir  # noqa: F401
 
-SCRIPT = EXAMPLES / "teacher_vs_gold.py"
 LABEL_CONFIG = EXAMPLES / "generate" / "nsmc_teacher_label.yaml"
-TRAIN = EXAMPLES / "data" / "nsmc_binary_train_512.jsonl"
-DEV = EXAMPLES / "data" / "nsmc_binary_dev_200.jsonl"
-TEACHER_PROMPT = EXAMPLES / "prompts" / "sentiment_binary.yaml"  # the prompt of nsmc_teacher_label.yaml
-SHORT = EXAMPLES / "train" / "sentiment_binary_short.yaml"
 LABELS = ["Positive", "Negative"]
 OTHER = {"Positive": "Negative", "Negative": "Positive"}
+N = 16
 
 
-def s_outputs(out) -> dict:
-    return json.loads((out / "summary.json").read_text(encoding="utf-8"))["outputs"]
-
-
-def run_script(*args: str, env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    import os
-
-    e = {**os.environ, **env}
-    e.pop("OPENAI_API_KEY", None)
-    e.pop("OPENAI_BASE_URL", None)
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=e, cwd=ROOT,
-                          timeout=timeout)
-
-
-# ------------------------------------------------------------------------------------------------------
-# the statistics (no model)
-# ------------------------------------------------------------------------------------------------------
-def test_agreement_numbers_by_hand():
-    from tunelab.generate.compare import agreement
-
-    gold = ["P"] * 6 + ["N"] * 4
-    teacher = ["P", "P", "P", "P", "N", "N", "N", "N", "N", "P"]
-    a = agreement(gold, teacher, ["P", "N"])
-    # 4 + 3 agree of 10; teacher says P 5 times, gold P 6 times: pe = .6*.5 + .4*.5 = .5, kappa = (.7-.5)/.5
-    assert a["n"] == 10 and a["agree"] == 7 and a["accuracy"] == 0.7
-    assert a["expected_agreement"] == 0.5 and a["kappa"] == 0.4
-    assert a["confusion"]["matrix"] == [[4, 2], [1, 3]]
-    lo, hi = a["accuracy_ci"]
-    assert 0.39 < lo < 0.7 < hi < 0.92  # Wilson [0.397, 0.892]
-    assert agreement(["P", "N"], ["P", "N"], ["P", "N"])["kappa"] == 1.0
-
-
-def test_compare_students_paired_mcnemar():
-    from scipy.stats import binomtest
-
-    from tunelab.generate.compare import compare_students
-
-    ids = [str(i) for i in range(20)]
-    a = {i: k < 14 for k, i in enumerate(ids)}  # 14 right
-    b = {i: 3 <= k < 12 or k >= 18 for k, i in enumerate(ids)}  # 11 right
-    r = compare_students({"A": a, "B": b}, "A", "B")
-    only_a = sum(a[i] and not b[i] for i in ids)
-    only_b = sum(b[i] and not a[i] for i in ids)
-    assert (r["a_right_b_wrong"], r["a_wrong_b_right"]) == (only_a, only_b) == (5, 2)
-    assert math.isclose(r["mcnemar_p"], binomtest(5, 7, 0.5).pvalue, abs_tol=1e-6)
-    assert r["diff"] == 0.15 and r["diff_ci"][0] <= 0.15 <= r["diff_ci"][1]
-
-
-def test_training_files_with_the_teacher_prompt_and_with_another(tmp_path):
-    """Same prompt: the teacher's file is generate's chat.jsonl, checked against the gold rendering. Another
-    student prompt: both files are rendered with it and differ only in the answers."""
-    from tunelab.data.io import write_jsonl
-    from tunelab.generate.compare import training_files
-    from tunelab.prompts import load_prompt_spec
-
-    teacher_spec, short = load_prompt_spec(TEACHER_PROMPT), load_prompt_spec(SHORT)
-    items = read_jsonl(TRAIN)[:5]
-    texts = [{"id": it["id"], "text": it["text"]} for it in items]
-    teacher_labels = ["Positive", "Positive", "Negative", "Positive", "Negative"]
-    data_rows = [{**t, "label": lab, "provenance": {"teacher": "t"}} for t, lab in zip(texts, teacher_labels)]
-    gold = [it["label"] for it in items]
-    chat = tmp_path / "chat.jsonl"
-    write_jsonl(chat, [{"messages": teacher_spec.render(t) + [{"role": "assistant", "content": lab}],
-                        "provenance": {"teacher": "t"}} for t, lab in zip(texts, teacher_labels)])
-
-    tp, gp = training_files(tmp_path, teacher_spec, teacher_spec, texts, data_rows, gold, chat_path=chat)
-    assert tp == chat
-    g = read_jsonl(gp)
-    assert [r["messages"] for r in g] == [teacher_spec.render(it) + [{"role": "assistant", "content": it["label"]}]
-                                          for it in items]
-
-    tp, gp = training_files(tmp_path, teacher_spec, short, texts, data_rows, gold, chat_path=chat)
-    assert tp == tmp_path / "teacher.jsonl"
-    t, g = read_jsonl(tp), read_jsonl(gp)
-    assert [r["messages"][:-1] for r in t] == [r["messages"][:-1] for r in g] == [short.render(x) for x in texts]
-    assert [r["messages"][-1]["content"] for r in t] == teacher_labels
-    assert [r["messages"][-1]["content"] for r in g] == gold
-    assert t[0]["provenance"] == {"teacher": "t"}
-
-    # A chat.jsonl that does not match the prompt (edited by hand, another spec) is refused.
-    write_jsonl(chat, [{"messages": short.render(x) + [{"role": "assistant", "content": "Positive"}]} for x in texts])
-    with pytest.raises(DataError, match="differ before the answer"):
-        training_files(tmp_path, teacher_spec, teacher_spec, texts, data_rows, gold, chat_path=chat)
-
-
-def test_refuses_a_config_that_is_not_label(tmp_path):
-    cfg = write_config(tmp_path / "respond.yaml", {
-        "pipeline": "respond", "prompt": str(EXAMPLES / "generate" / "gsm8k_cot.prompt.yaml"),
-        "data": {"path": str(EXAMPLES / "data" / "gsm8k_dev_50.jsonl")}, "teacher": {"model": "gpt-4o-mini"}})
-    r = run_script("--label-config", str(cfg), "--out", str(tmp_path / "out"), env={"TUNELAB_CACHE": str(tmp_path)})
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "needs a label config" in r.stderr
-
-
-def test_a_rejected_key_ends_the_run_with_one_line_and_no_key(tmp_path):
-    """The server refuses the key and echoes it back (as some do): one error line, the key in no output."""
-    with FakeServer(labels=LABELS, api_key="the-right-key") as srv:
-        r = run_script("--base-url", srv.url, "--teacher-model", "fake-label", "--api-key-env", "TVG_TEACHER_KEY",
-                       "--n", "4", "--out", str(tmp_path / "out"),
-                       env={"TVG_TEACHER_KEY": SENTINEL, "TUNELAB_CACHE": str(tmp_path / "cache")}, timeout=120)
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert not (tmp_path / "out" / "train").exists()  # nothing trained on a failed labelling
-    assert_no_secret(r.stdout, r.stderr, dirs=(tmp_path,))
-
-
-# ------------------------------------------------------------------------------------------------------
-# end to end
-# ------------------------------------------------------------------------------------------------------
-@pytest.mark.model
-def test_teacher_vs_gold_end_to_end(tmp_path):
-    from tunelab.prompts import load_prompt_spec
-
-    n, dev_n = 16, 16
-    # The example config with the short prompt (about 100 instead of 210 tokens a review: half the CPU time);
-    # the students train on generate's chat.jsonl and are evaluated with the same prompt.
+def tvg_experiment(model, url: str | None, **generate) -> dict:
+    """The shipped experiment's stages on the tiny model: 16 training texts, 16 dev items, a few steps each."""
     cfg = yaml.safe_load(LABEL_CONFIG.read_text(encoding="utf-8"))
-    cfg["prompt"] = str(SHORT)
-    cfg["data"]["path"] = str(TRAIN)
+    cfg["prompt"] = str(SHORT)  # the teacher's prompt (the shipped one is two-shot: longer to render, same logic)
     cfg["contamination"]["eval_path"] = str(DEV)
-    label_config = write_config(tmp_path / "label.yaml", cfg)
+    cfg["teacher"].update(model="fake-label", base_url=url, api_key_env="TVG_TEACHER_KEY",
+                          price={"input": 0.15, "output": 0.6})
+    recipe = {"prompt": "student", "max_seq_len": 512, "lora": {"r": 4, "alpha": 8}, "optim": {"lr": 5.0e-3},
+              "train": {"epochs": 1, "batch_size": 8, "micro_batch_size": 8, "seed": 3}}
+    return {"name": "tvg", "model": str(model), "seed": 0,
+            "data": {"eval": str(DEV), "eval_limit": N, "train": str(TRAIN), "train_limit": N},
+            "prompts": {"student": str(SHORT)},
+            "generate": {"config": cfg, "inputs": "train", **generate},
+            "train": [{"name": "teacher", "data": "generated", **recipe},
+                      {"name": "gold", "data": "gold", "items": "generated", **recipe}],
+            "eval_after": {"prompt": "student", "compare": [["gold", "teacher"]]}}
+
+
+@pytest.fixture(scope="module")
+def tvg_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    from tunelab.prompts import load_prompt_spec
+
+    d = tmp_path_factory.mktemp("tvg")
     spec = load_prompt_spec(SHORT)
-    items = read_jsonl(TRAIN)[:n]
+    items = read_jsonl(TRAIN)[:N]
     expected = {it["id"]: OTHER[it["label"]] if k % 4 == 0 else it["label"] for k, it in enumerate(items)}
-    # The teacher's answer, by the prompt it is sent: gold, except every 4th text (4 of 16) gets the other label.
-    answers = {spec.render(it)[-1]["content"]: expected[it["id"]] for it in items}
-    assert len(answers) == n
+    # The teacher's answer, by the message it is sent: gold, except every 4th text (4 of 16) gets the other label.
+    answers = {spec.render({"text": it["text"]})[-1]["content"]: expected[it["id"]] for it in items}
+    assert len(answers) == N
     seen: list[str] = []
     lock = threading.Lock()
 
@@ -168,102 +66,120 @@ def test_teacher_vs_gold_end_to_end(tmp_path):
             seen.append(user_message)
         return answers.get(user_message)
 
-    out, cache = tmp_path / "out", tmp_path / "cache"
-    env = {"TVG_TEACHER_KEY": SENTINEL, "TUNELAB_CACHE": str(cache), "NO_COLOR": "1"}
+    env = run_env(d, TVG_TEACHER_KEY=SENTINEL)
     # Faults on the way: the labels must come through retries unchanged.
     with FakeServer(labels=LABELS, label_fn=teacher, api_key=SENTINEL,
                     fault_cycle=[Fault("429", retry_after=0.05), None, Fault("500"), None, None]) as srv:
-        r = run_script("--label-config", str(label_config), "--base-url", srv.url, "--teacher-model", "fake-label",
-                       "--api-key-env", "TVG_TEACHER_KEY", "--n", str(n), "--dev-limit", str(dev_n), "--epochs", "1",
-                       "--batch-size", "8", "--lr", "1e-3", "--seed", "3", "--threads", "1",  # 2 shared cores
-                       "--out", str(out), env=env)
+        path = write_experiment(d / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
+        p = ok(tunelab("run", path, "--out", d / "out", env=env, timeout=600))
         server = srv.stats()
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    assert "Traceback" not in r.stderr
-    assert server["auth_headers"] == [f"Bearer {SENTINEL}"] and server["faults"]  # the key was used, faults hit
+    return {"out": d / "out", "p": p, "server": server, "seen": seen, "answers": answers, "items": items,
+            "expected": expected, "env": env, "cache": d / "tunelab-cache"}
 
-    # The teacher was given the texts only (the gold labels stay out of what is sent).
-    texts = read_jsonl(out / "texts.jsonl")
-    assert [set(t) for t in texts] == [{"id", "text"}] * n
-    assert sorted(set(seen)) == sorted(answers)
 
-    # Teacher labels land in the chat JSONL, in input order, with provenance.
-    chat = read_jsonl(out / "teacher" / "chat.jsonl")
-    assert len(chat) == n
-    for row, it in zip(chat, items):
-        assert row["messages"][:-1] == spec.render(it)
-        assert row["messages"][-1] == {"role": "assistant", "content": expected[it["id"]]}
-        p = row["provenance"]
-        assert p["teacher"] == "fake-label" and p["pipeline"] == "label" and p["source"] == "api"
-        assert p["prompt_hash"] == str(spec.content_hash()) and p["endpoint"] == srv.url
-    data = read_jsonl(out / "teacher" / "data.jsonl")
-    assert [d["label"] for d in data] == [expected[it["id"]] for it in items]
-    assert "gold_label" not in data[0]  # the teacher's input file had no gold labels
+def test_agreement_numbers_by_hand():
+    from tunelab.generate.compare import agreement
 
-    # The students train on generate's chat.jsonl (same prompt), and on a gold file with the same prompt messages.
-    assert s_outputs(out)["teacher_train"] == str(out / "teacher" / "chat.jsonl")
-    gold_rows = read_jsonl(out / "gold.jsonl")
-    assert [g["messages"][:-1] for g in gold_rows] == [c["messages"][:-1] for c in chat]
-    assert [g["messages"][-1]["content"] for g in gold_rows] == [it["label"] for it in items]
+    gold = ["P"] * 6 + ["N"] * 4
+    teacher = ["P", "P", "P", "P", "N", "N", "N", "N", "N", "P"]
+    a = agreement(gold, teacher, ["P", "N"])
+    # 4 + 3 agree of 10; teacher says P 5 times, gold P 6 times: pe = .6*.5 + .4*.5 = .5, kappa = (.7-.5)/.5
+    assert a.n == 10 and a.agree == 7 and a.accuracy.value == 0.7
+    assert a.expected_agreement == 0.5 and a.kappa == 0.4
+    assert a.matrix == [[4, 2], [1, 3]]
+    assert 0.39 < a.accuracy.low < 0.7 < a.accuracy.high < 0.92  # Wilson [0.397, 0.892]
+    assert agreement(["P", "N"], ["P", "N"], ["P", "N"]).kappa == 1.0
 
-    # Agreement: exactly what the teacher was programmed to do.
+
+def test_the_teacher_is_sent_the_texts_only(tvg_run):
+    out, items = tvg_run["out"], tvg_run["items"]
+    assert tvg_run["server"]["auth_headers"] == [f"Bearer {SENTINEL}"] and tvg_run["server"]["faults"]
+    texts = read_jsonl(out / "generate" / "texts.jsonl")
+    assert texts == [{"id": it["id"], "text": it["text"]} for it in items]  # the fields the prompt reads, no label
+    assert sorted(set(tvg_run["seen"])) == sorted(tvg_run["answers"])
+    data = read_jsonl(out / "generate" / "data.jsonl")
+    assert [r["label"] for r in data] == [tvg_run["expected"][it["id"]] for it in items]  # in input order
+    assert "gold_label" not in data[0]  # nothing gold reached the teacher's input file
+    assert data[0]["provenance"]["teacher"] == "fake-label" and data[0]["provenance"]["source"] == "api"
+
+
+def test_agreement_is_what_the_teacher_was_programmed_to_do(tvg_run):
+    out, items, expected = tvg_run["out"], tvg_run["items"], tvg_run["expected"]
     s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    a = s["agreement"]
-    assert (a["n"], a["agree"], a["accuracy"]) == (16, 12, 0.75)
+    a = s["teacher"]["agreement"]
+    assert (a["n"], a["agree"], a["accuracy"]["value"]) == (16, 12, 0.75)
     m = [[sum(1 for it in items if it["label"] == g and expected[it["id"]] == t) for t in LABELS] for g in LABELS]
-    assert a["confusion"]["labels"] == LABELS and a["confusion"]["matrix"] == m
-    gp, tp = sum(m[0]) / n, (m[0][0] + m[1][0]) / n
+    assert a["labels"] == LABELS and a["matrix"] == m
+    gp, tp = sum(m[0]) / N, (m[0][0] + m[1][0]) / N
     pe = gp * tp + (1 - gp) * (1 - tp)
     assert a["kappa"] == round((0.75 - pe) / (1 - pe), 4)
-    assert s["n_requested"] == s["n_labelled"] == 16 and s["teacher"]["model"] == "fake-label"
-    assert s["teacher_prompt"] == s["student_prompt"] == str(SHORT) and not s["teacher"]["served_bundled_model"]
+    assert json.loads((out / "generate" / "agreement.json").read_text()) == a
+    assert "agreement 75.0 [" in tvg_run["p"].stdout and "Cohen's kappa" in tvg_run["p"].stdout
+    assert 'id="teacher"' in (out / "report.html").read_text(encoding="utf-8")
 
-    # Two adapters, one recipe: same config apart from data and output, different weights.
-    rep = {k: json.loads((out / "train" / k / "report.json").read_text(encoding="utf-8")) for k in ("teacher", "gold")}
-    cfg_t, cfg_g = (dict(rep[k]["config"]) for k in ("teacher", "gold"))
-    for c in (cfg_t, cfg_g):
-        c.pop("out")
-        c["data"] = {k: v for k, v in c["data"].items() if k != "path"}
-    assert cfg_t == cfg_g and cfg_t["train"]["seed"] == 3 and cfg_t["optim"]["lr"] == 1e-3
-    assert cfg_t["train"]["epochs"] == 1 and cfg_t["method"] == "lora"
-    assert rep["teacher"]["data"]["path"] == str(out / "teacher" / "chat.jsonl")
-    assert rep["gold"]["data"]["path"] == str(out / "gold.jsonl")
-    assert rep["teacher"]["steps"] == rep["gold"]["steps"] == 2
+
+def test_two_students_one_recipe_same_texts(tvg_run):
+    out, items = tvg_run["out"], tvg_run["items"]
+    gold_data = read_jsonl(out / "train_data" / "gold.jsonl")
+    assert [(g["id"], g["label"]) for g in gold_data] == [(it["id"], it["label"]) for it in items]
+    cfgs = {k: yaml.safe_load((out / "configs" / f"train_{k}.yaml").read_text()) for k in ("teacher", "gold")}
+    assert cfgs["teacher"]["data"]["path"] == str(out / "generate" / "data.jsonl")
+    assert cfgs["gold"]["data"]["path"] == str(out / "train_data" / "gold.jsonl")
+    for c in cfgs.values():
+        c.pop("out"), c.pop("name")
+        c["data"].pop("path")
+    assert cfgs["teacher"] == cfgs["gold"] and cfgs["gold"]["train"]["seed"] == 3
     import torch
     from safetensors.torch import load_file
 
-    weights = {}
-    for k in ("teacher", "gold"):
-        adapter = out / "train" / k / "adapter"
-        assert (adapter / "adapter_config.json").is_file() and (adapter / "prompt_spec.yaml").is_file()
-        weights[k] = load_file(str(adapter / "adapter_model.safetensors"))
-    assert weights["teacher"].keys() == weights["gold"].keys()
-    assert any(not torch.equal(weights["teacher"][k], weights["gold"][k]) for k in weights["teacher"])
-    from tunelab.models import load_model
+    w = {k: load_file(str(out / "train" / k / "adapter" / "adapter_model.safetensors")) for k in ("teacher", "gold")}
+    assert w["teacher"].keys() == w["gold"].keys()
+    assert any(not torch.equal(w["teacher"][k], w["gold"][k]) for k in w["teacher"])
 
-    model = load_model(None, adapter=str(out / "train" / "teacher" / "adapter"))  # loads as PEFT
-    assert model.score_choices([spec.render(items[0])], LABELS)[0].logprobs
 
-    # Accuracies with intervals, and a paired McNemar recomputed from the per-item results.
-    ev = s["eval"]
-    assert set(ev) == {"base", "teacher-trained", "gold-trained"}
-    results = read_jsonl(out / "eval" / "results.jsonl")
-    right = {name: {x["item_id"]: bool(x["correct"]) for x in results if x["model"] == name} for name in ev}
-    for name, e in ev.items():
-        assert e["n"] == dev_n and e["correct"] == sum(right[name].values())
-        assert e["accuracy"] == round(e["correct"] / dev_n, 4) and e["ci"][0] <= e["accuracy"] <= e["ci"][1]
-    from scipy.stats import binomtest
+def test_head_to_head_is_recomputed_from_the_rows(tvg_run):
+    out = tvg_run["out"]
+    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    (pair,) = s["pairs"]
+    assert (pair["baseline"], pair["model"]) == ("gold", "teacher")
+    rows = read_jsonl(out / "eval_after" / "results.jsonl")
+    right = {m: {r["item_id"]: r["correct"] for r in rows if r["model"] == m} for m in ("gold", "teacher")}
+    assert len(right["gold"]) == len(right["teacher"]) == N
+    gained = sum(right["teacher"][i] and not right["gold"][i] for i in right["gold"])
+    lost = sum(right["gold"][i] and not right["teacher"][i] for i in right["gold"])
+    assert (pair["gained"], pair["lost"], pair["n"]) == (gained, lost, N)
+    assert pair["p_value"] == pytest.approx(binomtest(lost, lost + gained, 0.5).pvalue if lost + gained else 1.0)
+    diff = (sum(right["teacher"].values()) - sum(right["gold"].values())) / N
+    assert pair["diff"]["value"] == pytest.approx(diff)
+    assert "teacher vs gold" in (out / "report.html").read_text(encoding="utf-8")
+    assert ("teacher beats gold" in tvg_run["p"].stdout or "teacher vs gold" in tvg_run["p"].stdout
+            or "teacher is worse than gold" in tvg_run["p"].stdout)
 
-    p = s["teacher_vs_gold_students"]
-    b = sum(right["teacher-trained"][i] and not right["gold-trained"][i] for i in right["base"])
-    c = sum(right["gold-trained"][i] and not right["teacher-trained"][i] for i in right["base"])
-    assert (p["a_right_b_wrong"], p["a_wrong_b_right"], p["n"]) == (b, c, dev_n)
-    assert 0.0 <= p["mcnemar_p"] <= 1.0
-    assert math.isclose(p["mcnemar_p"], binomtest(b, b + c, 0.5).pvalue if b + c else 1.0, abs_tol=1e-6)
-    assert s["dev"]["n"] == dev_n
 
-    # The table, and the key nowhere: not in the output, not in any file written (cache included).
-    assert "| teacher-trained | 16 teacher labels |" in r.stdout and "agreement with gold 75.0%" in r.stdout
-    assert "Cohen's kappa" in r.stdout and "McNemar exact p" in r.stdout
-    assert_no_secret(r.stdout, r.stderr, dirs=(out, cache))
-    assert "TVG_TEACHER_KEY" in (out / "generate.yaml").read_text(encoding="utf-8")  # the name, not the key
+def test_the_key_is_nowhere(tvg_run):
+    p = tvg_run["p"]
+    assert_no_secret(p.stdout, p.stderr, dirs=(tvg_run["out"], tvg_run["cache"]))
+    assert "TVG_TEACHER_KEY" in (tvg_run["out"] / "configs" / "generate.yaml").read_text()  # the name, not the key
+
+
+def test_inputs_train_needs_a_label_pipeline(tmp_path, tiny_model_dir):  # noqa: F811
+    exp = tvg_experiment(tiny_model_dir, "http://127.0.0.1:9/v1")
+    exp["generate"]["config"] = {"pipeline": "respond", "prompt": str(EXAMPLES / "generate" / "gsm8k_cot.prompt.yaml"),
+                                 "data": {"path": str(EXAMPLES / "data" / "gsm8k_dev_50.jsonl")},
+                                 "teacher": {"model": "gpt-4o-mini"}}
+    path = write_experiment(tmp_path / "bad.yaml", exp)
+    assert_clean_error(tunelab("run", path, "--out", tmp_path / "out", env=run_env(tmp_path)),
+                       "bad.yaml:", "generate.inputs", "needs a label pipeline")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_rejected_key_ends_the_run_with_one_line_and_no_key(tmp_path, tiny_model_dir):  # noqa: F811
+    """The server refuses the key and echoes it back (as some do): one error line, nothing trained, no key."""
+    with FakeServer(labels=LABELS, api_key="the-right-key") as srv:
+        path = write_experiment(tmp_path / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
+        p = tunelab("run", path, "--out", tmp_path / "out", env=run_env(tmp_path, TVG_TEACHER_KEY=SENTINEL))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]  # (the stages' progress lines come before it)
+    assert last.startswith("error: ") and "rejected the API key (401)" in last, last
+    assert not (tmp_path / "out" / "train").exists()  # nothing trained on a failed labelling
+    assert_no_secret(p.stdout, p.stderr, dirs=(tmp_path,))

@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from tunelab.results import Result, Versioned
+from tunelab.stats import Interval
 
 __all__ = ["TeacherInfo", "DropCounts", "RequestCounts", "TokenCounts", "Latency", "Agreement", "Accuracy",
-           "GenerateStats", "GenerateDryRun"]
+           "LabelAgreement", "GenerateStats", "GenerateDryRun"]
 
 
 class TeacherInfo(Result):
@@ -72,6 +73,20 @@ class Accuracy(Result):
     n: int
     correct: int
     rate: float
+
+
+class LabelAgreement(Result):
+    """A teacher's labels against gold labels of the same texts: accuracy (Wilson interval), Cohen's kappa (agreement
+    beyond what the two label distributions give by chance, ``expected_agreement``) and the confusion matrix (rows:
+    gold label, columns: the teacher's)."""
+
+    n: int
+    agree: int
+    accuracy: Interval
+    kappa: float
+    expected_agreement: float
+    labels: list[str]
+    matrix: list[list[int]]
 
 
 class GenerateStats(Versioned):

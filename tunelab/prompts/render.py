@@ -38,6 +38,13 @@ def compile_template(source: str) -> Template:
     return _ENV.from_string(source)
 
 
+def template_fields(source: str) -> list[str]:
+    """The item fields a template reads, sorted (``{{ text }} ({{ title }})`` -> ``["text", "title"]``)."""
+    from jinja2 import meta
+
+    return sorted(meta.find_undeclared_variables(_ENV.parse(source)))
+
+
 def render_template(source: str, item: dict[str, Any]) -> str:
     """Render ``source`` over the item's fields; a missing field raises DataError naming it."""
     try:

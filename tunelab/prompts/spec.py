@@ -23,7 +23,7 @@ from tunelab.config import StrictModel, describe_validation_error, load_yaml
 from tunelab.data.io import read_records
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.prompts import parsers as P
-from tunelab.prompts.render import LAYOUTS, Message, Parts, compile_template, render_template
+from tunelab.prompts.render import LAYOUTS, Message, Parts, compile_template, render_template, template_fields
 
 GOLD_FIELDS = ("label", "answer", "output")
 
@@ -244,6 +244,11 @@ class PromptSpec(StrictModel):
     # ---- items ----
     def render_input(self, item: dict[str, Any]) -> str:
         return render_template(self.input_template, item)
+
+    def input_fields(self) -> list[str]:
+        """The item fields the prompt shows the model (what its input template reads): never the gold answer,
+        unless the template itself names it."""
+        return template_fields(self.input_template)
 
     def gold(self, item: dict[str, Any]) -> str | None:
         if self.target_field is not None:

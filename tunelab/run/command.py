@@ -22,7 +22,8 @@ def _stage_line(key: str, st: StageRecord) -> str:
         what = f"best prompt {res.best} {format_interval(acc)} on {res.n_items} items"
     elif isinstance(res, GenerateStageResult):
         what = f"{res.kept} rows kept from teacher {res.teacher}" + (
-            f", ${res.cost_usd:.4f}" if res.cost_usd is not None else "")
+            f", ${res.cost_usd:.4f}" if res.cost_usd is not None else "") + (
+            f", {res.agreement.accuracy.value:.1%} agreement with gold" if res.agreement is not None else "")
     elif isinstance(res, TrainStageResult):
         what = (f"{res.method}: {res.steps} steps, loss {res.loss_first or 0:.3f} -> {res.loss_last or 0:.3f}, "
                 f"{res.tok_s or 0:.0f} tok/s")
@@ -55,7 +56,7 @@ def run_cmd(
 
     from tunelab.errors import ConfigError
     from tunelab.run.experiment import run_experiment
-    from tunelab.stats import format_diff, format_p
+    from tunelab.stats import format_diff, format_p, paired_sentence
 
     if not experiment.is_file():
         raise ConfigError(f"no such file: {experiment}")
@@ -84,6 +85,12 @@ def run_cmd(
                   format_diff(v.diff), format_p(v.p),
                   v.verdict)
     console.print(t)
+    if summary.teacher is not None and summary.teacher.agreement is not None:
+        a = summary.teacher.agreement
+        console.print(f"teacher {summary.teacher.teacher} vs gold on {a.n} kept training texts: agreement "
+                      f"{format_interval(a.accuracy)}%, Cohen's kappa {a.kappa:.3f}", highlight=False, markup=False)
+    for pc in summary.pairs:
+        console.print(paired_sentence(pc.model, pc.baseline, pc), highlight=False, markup=False, soft_wrap=True)
     console.print(summary.verdict.text, highlight=False, markup=False, soft_wrap=True)
     cost = summary.cost
     console.print(f"cost: {cost.total_wall_s:.1f}s of stage time, {cost.total_tokens:,} tokens, peak RSS "

@@ -44,9 +44,16 @@ class EvalSettings(StrictModel):
     use_cache: bool = Field(True, description="reuse model answers from tunelab's call cache")
 
 
-class GenerateStage(StrictModel):
+class GenerateSettings(StrictModel):
     config: str | dict[str, Any] = Field(description="a `tunelab generate` config file, or the config inline")
     limit: int | None = Field(None, ge=1, description="send only the first N inputs")
+    inputs: Literal["config", "train"] = Field(
+        "config", description="config: the generate config's data; train: the texts of data.train (up to "
+                              "train_limit), with only the fields the prompt reads, so the teacher never sees a gold "
+                              "label; the stage then scores the teacher's labels against the withheld gold ones "
+                              "(agreement, Cohen's kappa, confusion; label pipelines only)")
+    serve: bool = Field(False, description="the teacher is the experiment's base model behind `tunelab serve` on "
+                                           "127.0.0.1, started for the stage (a plumbing check without an API)")
 
 
 class TrainMethod(StrictModel):
@@ -54,6 +61,9 @@ class TrainMethod(StrictModel):
     method: Literal["lora", "full"] | None = Field(None, description="default: the config's method, else lora")
     config: str | None = Field(None, description="a `tunelab train` config to start from (its eval: is dropped)")
     data: str = Field("gold", description="gold (data.train), generated (the generate stage's output), or a file")
+    items: Literal["all", "generated"] = Field(
+        "all", description="generated: only the items the generate stage kept, in its order (gold data on the "
+                           "texts a teacher labelled: a like-for-like teacher-vs-gold comparison)")
     prompt: str | None = Field(None, description="a name from prompts:, 'best' (the winner of the eval stage), "
                                                  "or a PromptSpec file; default: the first prompt")
     limit: int | None = Field(None, ge=1, description="train on the first N records only")
@@ -72,12 +82,15 @@ class TrainMethod(StrictModel):
         return v
 
 
-class EvalAfter(StrictModel):
+class EvalAfterSettings(StrictModel):
     prompt: str = Field("train", description="'train': each model with the prompt it was trained with; or a name "
                                              "from prompts:")
+    compare: list[tuple[str, str]] = Field(
+        default_factory=list, description="pairs [A, B] of train method names: B against A on the same items "
+                                          "(paired bootstrap, exact McNemar, Holm over the pairs)")
 
 
-class ServeStage(StrictModel):
+class ServeSettings(StrictModel):
     mode: Literal["smoke", "command"] = Field(
         "smoke", description="smoke: start the server over the base model + adapters, send one request through "
                              "the openai client, stop; command: only write the command that serves them")
@@ -92,10 +105,10 @@ class Experiment(StrictModel):
     data: ExperimentData
     prompts: dict[str, str | dict[str, Any]] = Field(description="name -> PromptSpec file or an inline spec")
     eval: EvalSettings = Field(default_factory=EvalSettings)
-    generate: GenerateStage | None = None
+    generate: GenerateSettings | None = None
     train: list[TrainMethod] = Field(default_factory=list)
-    eval_after: EvalAfter = Field(default_factory=EvalAfter)
-    serve: ServeStage | None = None
+    eval_after: EvalAfterSettings = Field(default_factory=EvalAfterSettings)
+    serve: ServeSettings | None = None
     tracking: list[Literal["mlflow", "tensorboard"]] = Field(
         default_factory=list, description="also log to these when installed (skipped when not)")
 
@@ -126,11 +139,22 @@ class Experiment(StrictModel):
                 raise ValueError(f"train.{i}.data: 'generated' needs a generate: stage")
             if m.data == "gold" and self.data.train is None:
                 raise ValueError(f"train.{i}.data: 'gold' needs data.train (the training items)")
+            if m.items == "generated" and (self.generate is None or m.data == "generated"):
+                raise ValueError(f"train.{i}.items: 'generated' picks the generate stage's items from other data "
+                                 "(e.g. data: gold); it needs a generate: stage")
             if m.prompt in self.prompts or m.prompt in (None, "best"):
                 continue
             if not m.prompt.endswith((".yaml", ".yml")):
                 raise ValueError(f"train.{i}.prompt: {m.prompt!r} is neither a name from prompts: "
                                  f"({', '.join(self.prompts)}), 'best', nor a .yaml file")
+        for j, pair in enumerate(self.eval_after.compare):
+            for name in pair:
+                if name not in names:
+                    raise ValueError(f"eval_after.compare.{j}: {name!r} is not a train method ({', '.join(names)})")
+            if pair[0] == pair[1]:
+                raise ValueError(f"eval_after.compare.{j}: a method against itself")
+        if self.generate is not None and self.generate.inputs == "train" and self.data.train is None:
+            raise ValueError("generate.inputs: 'train' needs data.train (the texts the teacher labels)")
         p = self.eval_after.prompt
         if p != "train" and p not in self.prompts:
             raise ValueError(f"eval_after.prompt: {p!r} is neither 'train' nor a name from prompts: "

@@ -95,7 +95,8 @@ def write(path: Path, summary: RunSummary, out: Path) -> Path:
     c = summary.cost
     return write_page(path, "run.html.jinja", title=f"tunelab run: {summary.name}", s=summary,
                       charts=_charts(out, summary), example_cols=cols, examples=examples, env=env_info,
-                      serve=summary.serve, cost_rows=[{**r.model_dump(), "extra": _action(r)} for r in c.stages],
+                      serve=summary.serve, pairs={f"{c.model} vs {c.baseline}": c for c in summary.pairs},
+                      cost_rows=[{**r.model_dump(), "extra": _action(r)} for r in c.stages],
                       cost_total={"wall_s": c.total_wall_s, "tokens": c.total_tokens, "peak_rss_mb": c.peak_rss_mb,
                                   "teacher_usd": c.teacher_usd})
 

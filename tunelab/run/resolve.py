@@ -90,7 +90,7 @@ def train_dict(r: ResolvedExperiment, plan: MethodPlan, limit: int | None = None
     d["prompt"] = "<set by the train stage>"
     if m.limit is not None:
         d["limit"] = m.limit
-    elif r.exp.data.train_limit is not None and m.data == "gold":
+    elif r.exp.data.train_limit is not None and m.data == "gold" and m.items == "all":  # (generated: its items)
         d["limit"] = r.exp.data.train_limit
     if limit is not None:
         d["limit"] = min(limit, d.get("limit") or limit)
@@ -150,6 +150,8 @@ def resolve(exp: Experiment, resolved: Path, *, limit: int | None = None, shown:
             gen = dict(c)
     r = ResolvedExperiment(exp, resolved, base, prompts, eval_data, train_data, generate_config=gen,
                            model=model_spec(exp, base), limit=limit, shown=shown)
+    if exp.generate is not None:
+        check_generate(r)
     for i, m in enumerate(exp.train):
         if m.data not in ("gold", "generated"):
             f = _abs(base, m.data)
@@ -183,6 +185,36 @@ def load_experiment(path: str | Path, *, limit: int | None = None) -> ResolvedEx
     is raised here, before anything runs."""
     p = Path(path)
     return resolve(read_experiment(p), p.resolve(), limit=limit, shown=p)
+
+
+def check_generate(r: ResolvedExperiment) -> None:
+    """The generate config is checked as `tunelab generate` would, before anything runs; ``inputs: train`` needs a
+    label pipeline whose prompt reads fields the training items have."""
+    from tunelab.generate.config import GenerateConfig, load_generate_config
+
+    g = r.exp.generate
+    assert g is not None
+    if isinstance(r.generate_config, Path):
+        cfg = load_generate_config(r.generate_config)
+    else:
+        raw = load_generate_dict(r)
+        if g.inputs == "train":
+            raw["data"] = {"path": str(r.train_data)}
+        try:
+            cfg = GenerateConfig.model_validate(raw)
+        except ValidationError as e:
+            dotted, msg = describe_validation_error(e, GenerateConfig)
+            raise config_error(r.where_path, ("generate", "config"), f"{dotted}: {msg}" if dotted else msg) from None
+    if not g.serve and cfg.budget.max_cost_usd is not None:
+        from tunelab.generate.runner import price_for
+
+        if price_for(cfg) is None:
+            raise config_error(r.where_path, ("generate", "config"), f"budget.max_cost_usd needs a price for "
+                                                                     f"{cfg.teacher.model}: set teacher.price in the "
+                                                                     "generate config")
+    if g.inputs == "train" and cfg.pipeline != "label":
+        raise config_error(r.where_path, ("generate", "inputs"), f"'train' has the teacher label the training texts: "
+                                                                 f"it needs a label pipeline, not {cfg.pipeline!r}")
 
 
 def load_generate_dict(r: ResolvedExperiment) -> dict[str, Any]:

@@ -15,11 +15,12 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import Field
 
 from tunelab.evaluate.results import TokenStats
+from tunelab.generate.results import LabelAgreement
 from tunelab.results import Result, Versioned
 from tunelab.stats import Interval, PairedComparison, proportion
 from tunelab.train.results import ForgettingResult
 
-__all__ = ["VsBaseline", "StageCost", "EvalStageResult", "GenerateStageResult", "TrainStageResult",
+__all__ = ["VsBaseline", "PairComparison", "StageCost", "EvalStageResult", "GenerateStageResult", "TrainStageResult",
            "MethodHeadline", "EvalAfterStageResult", "ServeAnswer", "SmokeTest", "ServeStageResult", "StageResult",
            "StageRecord", "RunState", "MethodEval", "EvalAfterSummary", "StageBrief", "DatasetInfo", "PromptRow",
            "BestPrompt", "MethodRow", "RunVerdict", "StageCostRow", "RunCost", "RunSummary"]
@@ -29,6 +30,12 @@ class VsBaseline(PairedComparison):
     """A tuned model (B) against a baseline (A) named by ``baseline``."""
 
     baseline: str
+
+
+class PairComparison(VsBaseline):
+    """One tuned model (``model``, B) against another (``baseline``, A) on the same items (eval_after.compare)."""
+
+    model: str
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,6 +63,7 @@ class GenerateStageResult(Result):
     dropped: int | None = None
     teacher: str | None = None
     cost_usd: float | None = None
+    agreement: LabelAgreement | None = None  # generate.inputs: train: the kept labels against the withheld gold
 
 
 class TrainStageResult(Result):
@@ -91,6 +99,7 @@ class MethodHeadline(Result):
 class EvalAfterStageResult(Result):
     stage: Literal["eval_after"] = "eval_after"
     methods: dict[str, MethodHeadline]
+    pairs: list[PairComparison] = Field(default_factory=list)
 
 
 class ServeAnswer(Result):
@@ -184,6 +193,7 @@ class EvalAfterSummary(Versioned):
     best_prompt: str
     confidence: float
     methods: dict[str, MethodEval]
+    pairs: list[PairComparison] = Field(default_factory=list)
 
     @classmethod
     def upgrade(cls, data: dict[str, Any], found: int) -> dict[str, Any]:
@@ -302,6 +312,8 @@ class RunSummary(Versioned):
     prompts: list[PromptRow] | None = None
     best_prompt: BestPrompt | None = None
     methods: list[MethodRow] = Field(default_factory=list)
+    pairs: list[PairComparison] = Field(default_factory=list)  # eval_after.compare: tuned models head to head
+    teacher: GenerateStageResult | None = None                  # the generate stage (agreement with gold, if scored)
     verdict: RunVerdict
     cost: RunCost
     serve: ServeStageResult | None = None

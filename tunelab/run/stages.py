@@ -17,13 +17,13 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, DataError, TunelabError
+from tunelab.evaluate.results import EvalRow, EvalSummary
 from tunelab.models import release_models
 from tunelab.run.config import MethodPlan, PromptRef, ResolvedExperiment
-from tunelab.evaluate.results import EvalRow, EvalSummary
 from tunelab.run.results import (EvalAfterStageResult, EvalAfterSummary, EvalStageResult, GenerateStageResult,
-                                 MethodEval, MethodHeadline, ServeAnswer, ServeStageResult, SmokeTest, StageRecord,
-                                 StageResult, TrainStageResult, VsBaseline)
+                                 MethodEval, MethodHeadline, PairComparison, ServeAnswer, ServeStageResult, SmokeTest,
+                                 StageRecord, StageResult, TrainStageResult, VsBaseline)
 from tunelab.run.util import dir_sha, file_sha, model_identity, stable_hash
 from tunelab.stats import PairedComparison
 
@@ -141,13 +141,30 @@ class EvalStage:
 # generate: teacher data
 # --------------------------------------------------------------------------------------------------
 class GenerateStage:
+    """Teacher data with `tunelab generate`. With ``generate.inputs: train`` the teacher labels the texts of
+    data.train (only the fields its prompt reads: never a gold label) and the stage scores the kept labels against
+    the withheld gold ones; with ``generate.serve`` the teacher is the base model behind `tunelab serve`."""
+
     key = "generate"
     deps: tuple[str, ...] = ()
+    SERVED = "tunelab-served"  # the teacher's model name when the stage serves the base model
 
-    def _config(self, ctx: Ctx) -> dict:
+    def _config(self, ctx: Ctx, d: Path | None = None) -> dict:
         from tunelab.run.resolve import load_generate_dict
 
-        return load_generate_dict(ctx.r)
+        cfg = load_generate_dict(ctx.r)
+        g = ctx.r.exp.generate
+        assert g is not None
+        if g.inputs == "train":
+            cfg["data"] = {"path": str(d / "texts.jsonl") if d is not None else "<texts of data.train>",
+                           "id_field": "id"}
+        if g.serve:  # the URL is known once the server is up; the config hashes without it
+            teacher = cfg.get("teacher") or {}
+            cfg["teacher"] = {**{k: v for k, v in teacher.items() if k not in ("api_key_env", "api_key_file")},
+                              "model": self.SERVED, "base_url": "<tunelab serve on 127.0.0.1>",
+                              "price": {"input": 0.0, "output": 0.0},
+                              "timeout_s": max(float(teacher.get("timeout_s") or 0), 300.0)}
+        return cfg
 
     def inputs(self, ctx: Ctx) -> dict:
         cfg = self._config(ctx)
@@ -155,32 +172,117 @@ class GenerateStage:
         for k, v in _walk(cfg):
             if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_file():
                 files[k] = file_sha(v)
-        return {"config": cfg, "files": files, "limit": self._limit(ctx)}
+        g = ctx.r.exp.generate
+        extra: dict[str, Any] = {}
+        if g is not None and g.inputs == "train":
+            assert ctx.r.train_data is not None
+            extra["train"] = {"data": file_sha(ctx.r.train_data), "limit": self._train_limit(ctx),
+                              "id_field": ctx.r.exp.data.id_field}
+        if g is not None and g.serve:
+            extra["served_model"] = model_identity(ctx.r.model)
+        return {"config": cfg, "files": files, "limit": self._limit(ctx), **extra}
 
     def _limit(self, ctx: Ctx) -> int | None:
         g = ctx.r.exp.generate
         lims = [x for x in (g.limit if g else None, ctx.r.limit) if x is not None]
         return min(lims) if lims else None
 
+    def _train_limit(self, ctx: Ctx) -> int | None:
+        lims = [x for x in (ctx.r.exp.data.train_limit, self._limit(ctx)) if x is not None]
+        return min(lims) if lims else None
+
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.generate.results import GenerateStats
         from tunelab.generate.runner import RunOptions, run_generate
 
-        cfg = self._config(ctx)
-        path = ctx.out / "configs" / "generate.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        ctx.log(f"generate: {cfg.get('pipeline')} with teacher {(cfg.get('teacher') or {}).get('model')}"
-                + (" (resuming from the journal)" if resume else ""))
-        stats = run_generate(path, RunOptions(out=d, limit=self._limit(ctx)))
+        g = ctx.r.exp.generate
+        assert g is not None
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self._config(ctx, d)
+        gold = self._write_texts(ctx, cfg, d) if g.inputs == "train" else None
+        srv = None
+        try:
+            if g.serve:
+                srv = self._serve(ctx)
+                cfg["teacher"]["base_url"] = srv.url + "/v1"
+            path = ctx.out / "configs" / "generate.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
+            ctx.log(f"generate: {cfg.get('pipeline')} with teacher {(cfg.get('teacher') or {}).get('model')}"
+                    + (" (resuming from the journal)" if resume else ""))
+            stats = run_generate(path, RunOptions(out=d, limit=self._limit(ctx)))
+        finally:
+            if srv is not None:
+                srv.stop()
+                release_models()
         assert isinstance(stats, GenerateStats)
         if stats.pending:
             raise TunelabError(f"generate: {stats.pending} inputs are still pending (failed requests or the "
                                f"budget); rerun `tunelab run` to finish them")
+        agreement = self._agreement(cfg, stats, gold) if gold is not None else None
+        if agreement is not None:
+            agreement.write(d / "agreement.json")
+            ctx.log(f"generate: the teacher agrees with gold on {agreement.agree} of {agreement.n} kept texts "
+                    f"({agreement.accuracy.value:.1%}), Cohen's kappa {agreement.kappa:.3f}")
         return Outcome(file_sha(stats.data_path), GenerateStageResult(
             data=stats.data_path, kept=stats.kept, dropped=stats.dropped.total, teacher=stats.teacher.model,
-            cost_usd=stats.cost_usd), tokens=stats.tokens.prompt + stats.tokens.completion,
+            cost_usd=stats.cost_usd, agreement=agreement), tokens=stats.tokens.prompt + stats.tokens.completion,
             teacher_usd=stats.cost_usd)
+
+    def _write_texts(self, ctx: Ctx, cfg: dict, d: Path) -> dict[str, str | None]:
+        """OUT/generate/texts.jsonl: the id and the fields the teacher's prompt reads of each training item; returns
+        the gold label of each id (what the teacher must not see)."""
+        from tunelab.data.io import read_records, write_jsonl
+        from tunelab.prompts import load_prompt_spec
+
+        spec = load_prompt_spec(cfg["prompt"])
+        fields = spec.input_fields()
+        assert ctx.r.train_data is not None
+        items = read_records(ctx.r.train_data, limit=self._train_limit(ctx))
+        texts, gold = [], {}
+        for k, it in enumerate(items):
+            iid = item_id(it, k, ctx.r.exp.data.id_field)
+            where = f"{ctx.r.train_data}:{it.get('_line', k + 1)}"
+            if iid in gold:
+                raise DataError(f"duplicate id {iid!r}", where=where)
+            missing = [f for f in fields if f not in it]
+            if missing:
+                raise DataError(f"the teacher's prompt reads {missing[0]!r}, which this item lacks", where=where)
+            gold[iid] = spec.gold(it)
+            texts.append({"id": iid, **{f: it[f] for f in fields}})
+        write_jsonl(d / "texts.jsonl", texts)
+        return gold
+
+    @staticmethod
+    def _agreement(cfg: dict, stats, gold: dict[str, str | None]):
+        """The kept teacher labels against the withheld gold labels of the same texts."""
+        from tunelab.data.io import read_records
+        from tunelab.generate.compare import agreement
+        from tunelab.generate.pipelines import spec_label_field
+        from tunelab.prompts import load_prompt_spec
+
+        spec = load_prompt_spec(cfg["prompt"])
+        lf = spec_label_field(spec)
+        rows = [r for r in read_records(stats.data_path) if gold.get(str(r["id"])) is not None]
+        return agreement([str(gold[str(r["id"])]) for r in rows], [str(r[lf]) for r in rows],
+                         list(spec.labels or []))
+
+    def _serve(self, ctx: Ctx):
+        from tunelab.serve.app import ServerThread, build_app
+        from tunelab.serve.config import ServeConfig
+
+        r = ctx.r
+        ctx.log(f"generate: serving the base model ({r.model}) as the teacher {self.SERVED!r} on 127.0.0.1")
+        release_models()
+        app = build_app(ServeConfig(model=None if r.model == "bundled" else r.model, served_model_name=self.SERVED,
+                                    max_batch=32))
+        return ServerThread(app, port=0).start(timeout=300)
+
+
+def item_id(item: dict, index: int, id_field: str | None) -> str:
+    """An item's id: its ``id_field`` (default ``id``) when it has one, else ``line<N>`` (its line in the file)."""
+    f = id_field or "id"
+    return str(item[f]) if f in item else f"line{item.get('_line', index + 1)}"
 
 
 def _walk(obj: Any, prefix: str = ""):
@@ -199,7 +301,7 @@ class TrainStage:
         self.plan = plan
         self.key = f"train/{plan.entry.name}"
         deps = []
-        if plan.entry.data == "generated":
+        if plan.entry.data == "generated" or plan.entry.items == "generated":
             deps.append("generate")
         if plan.prompt == "best":
             deps.append("eval")
@@ -215,7 +317,8 @@ class TrainStage:
         assert self.plan.prompt_ref is not None
         return self.plan.prompt_ref
 
-    def data_path(self, ctx: Ctx) -> Path:
+    def source_path(self, ctx: Ctx) -> Path:
+        """The file the method's data comes from (data: gold, generated or a file)."""
         d = self.plan.entry.data
         if d == "gold":
             assert ctx.r.train_data is not None
@@ -224,6 +327,24 @@ class TrainStage:
             return Path(ctx.upstream_result("generate", GenerateStageResult).data)
         p = Path(d).expanduser()
         return p if p.is_absolute() else (ctx.r.base_dir / p).resolve()
+
+    def data_path(self, ctx: Ctx) -> Path:
+        """What it trains on: the source, or with ``items: generated`` the source's rows of the items the generate
+        stage kept, in its order (written to OUT/train_data/NAME.jsonl)."""
+        src = self.source_path(ctx)
+        if self.plan.entry.items != "generated":
+            return src
+        from tunelab.data.io import read_records, write_jsonl
+
+        kept = [str(r.get("id")) for r in read_records(ctx.upstream_result("generate", GenerateStageResult).data)]
+        by_id = {item_id(it, k, ctx.r.exp.data.id_field): it for k, it in enumerate(read_records(src))}
+        missing = [i for i in kept if i not in by_id]
+        if missing:
+            raise DataError(f"items: generated: the generate stage kept item {missing[0]!r}, which is not in this "
+                            "method's data", where=str(src))
+        out = ctx.out / "train_data" / f"{self.plan.entry.name}.jsonl"
+        write_jsonl(out, ({k: v for k, v in by_id[i].items() if not k.startswith("_")} for i in kept))
+        return out
 
     def _prompt_file(self, ctx: Ctx, ref: PromptRef) -> Path:
         if ref.path is not None:
@@ -240,7 +361,8 @@ class TrainStage:
 
         ref = self.prompt_ref(ctx)
         data = dict(self.plan.base_data)
-        data["data"] = {**data["data"], "path": str(self.data_path(ctx)),
+        path = self.data_path(ctx) if d is not None else self.source_path(ctx)  # (only a run writes a file)
+        data["data"] = {**data["data"], "path": str(path),
                         "prompt": str(self._prompt_file(ctx, ref)) if d is not None else "x.yaml"}
         data["out"] = str(d) if d is not None else "-"
         return check_train_dict(ctx.r, self.plan, data)
@@ -249,7 +371,7 @@ class TrainStage:
         cfg = self.config(ctx).model_dump(mode="json")
         cfg.pop("out")
         cfg["data"].pop("prompt")
-        cfg["data"]["path"] = file_sha(self.data_path(ctx))
+        cfg["data"]["path"] = file_sha(self.source_path(ctx))  # (items: generated: + the generate stage's output)
         if cfg.get("forgetting") and cfg["forgetting"].get("data"):
             cfg["forgetting"]["data"] = file_sha(cfg["forgetting"]["data"])
         cfg["model"] = model_identity(ctx.r.model)
@@ -320,12 +442,13 @@ class EvalAfterStage:
         return {"model": model_identity(r.model), "data": file_sha(r.eval_data), "limit": eval_limit(r),
                 "settings": r.exp.eval.model_dump(mode="json", exclude={"use_cache"}), "seed": r.exp.seed,
                 "prompts": {t.plan.entry.name: self._eval_prompt(ctx, t).hash for t in self.trains},
+                "compare": [list(p) for p in r.exp.eval_after.compare],
                 "upstream": {k: ctx.upstream(k).output_hash for k in self.deps}}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.evaluate.results import read_rows, write_rows
         from tunelab.evaluate.metrics import summarize_cell
-        from tunelab.stats import with_holm
+        from tunelab.stats import paired_sentence, with_holm
 
         r = ctx.r
         conf, seed = r.exp.eval.confidence, r.exp.seed
@@ -335,6 +458,7 @@ class EvalAfterStage:
             raise TunelabError("eval_after needs a best prompt, and the eval data has no gold answers")
         best_rows = [x for x in base_rows if x.variant == best]
         all_rows: list[EvalRow] = []
+        tuned_rows: dict[str, list[EvalRow]] = {}
         evals: dict[str, dict[str, Any]] = {}
         for t in self.trains:
             name = t.plan.entry.name
@@ -350,7 +474,7 @@ class EvalAfterStage:
             ctx.log(f"eval_after {name}: {tr.kind} with prompt {variant} on {r.eval_data.name}")
             summary, rows = _run_eval(ctx, cfg, d / name)
             release_models()
-            mine = [x for x in rows if x.model == name]
+            mine = tuned_rows[name] = [x for x in rows if x.model == name]
             before = ([x for x in base_rows if x.variant == same] if same is not None
                       else [x for x in rows if x.model == "base"])
             cell = summarize_cell(mine, summary.task, summary.labels, confidence=conf, seed=seed)
@@ -365,11 +489,17 @@ class EvalAfterStage:
             for n, c in zip(names, with_holm([evals[n][key] for n in names])):
                 evals[n][key] = VsBaseline(**dict(c), baseline=evals[n]["baselines"][key])
         methods = {n: MethodEval(**{k: v for k, v in e.items() if k != "baselines"}) for n, e in evals.items()}
+        pairs = r.exp.eval_after.compare  # tuned models head to head, Holm over the pairs
+        head = with_holm([paired(tuned_rows[a], tuned_rows[b], seed=seed, confidence=conf) for a, b in pairs])
+        pair_results = [PairComparison(**dict(c), baseline=a, model=b) for (a, b), c in zip(pairs, head)]
+        for pc in pair_results:
+            ctx.log(f"eval_after: {paired_sentence(pc.model, pc.baseline, pc)}")
         write_rows(d / "results.jsonl", all_rows)
-        EvalAfterSummary(best_prompt=best, confidence=conf, methods=methods).write(d / "summary.json")
+        EvalAfterSummary(best_prompt=best, confidence=conf, methods=methods, pairs=pair_results).write(
+            d / "summary.json")
         return Outcome(_rows_hash(all_rows), EvalAfterStageResult(methods={
-            n: MethodHeadline(accuracy=m.metrics.get("accuracy"), vs_best=m.vs_best) for n, m in methods.items()}),
-            tokens=_tokens(all_rows))
+            n: MethodHeadline(accuracy=m.metrics.get("accuracy"), vs_best=m.vs_best) for n, m in methods.items()},
+            pairs=pair_results), tokens=_tokens(all_rows))
 
 
 # --------------------------------------------------------------------------------------------------

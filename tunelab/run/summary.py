@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.evaluate.results import EvalSummary
-from tunelab.run.results import (BestPrompt, DatasetInfo, EvalAfterSummary, MethodRow, PromptRow, RunCost, RunState,
-                                 RunSummary, RunVerdict, ServeStageResult, StageBrief, StageCostRow, TrainStageResult,
-                                 VsBaseline)
+from tunelab.run.results import (BestPrompt, DatasetInfo, EvalAfterSummary, GenerateStageResult, MethodRow,
+                                 PromptRow, RunCost, RunState, RunSummary, RunVerdict, ServeStageResult, StageBrief,
+                                 StageCostRow, TrainStageResult, VsBaseline)
 from tunelab.run.util import now
 from tunelab.stats import format_p, paired_sentence, verdict
 
@@ -81,11 +81,14 @@ def build_summary(out: Path, state: RunState, r) -> RunSummary:
                      if any(x.teacher_usd is not None for x in cost_rows) else None),
         train_wall_s=round(sum(x.wall_s or 0 for x in cost_rows if x.stage.startswith("train/")), 2))
     serve = stages.get("serve")
+    gen = stages.get("generate")
     return RunSummary(
         name=r.name, description=r.exp.description, created=now(), experiment=str(r.path), model=r.model,
         limit=r.limit, metric="accuracy",
         stages={k: StageBrief(status=v.status, action=v.action, hash=v.hash) for k, v in stages.items()},
         dataset=dataset, prompts=prompts, best_prompt=best_prompt, methods=methods,
+        pairs=after.pairs if after is not None else [],
+        teacher=gen.result if gen is not None and isinstance(gen.result, GenerateStageResult) else None,
         verdict=_verdict(best_prompt, methods, cost), cost=cost,
         serve=serve.result if serve is not None and serve.status == "done" and isinstance(serve.result,
                                                                                           ServeStageResult) else None)
