@@ -142,3 +142,42 @@ def test_no_package_imports_another_packages_private_names():
                 bad.append(f"{f.relative_to(ROOT)}:{line}: {target}" + (f" import {name}" if name else ""))
     assert not bad, "private names imported across packages (make them public where they belong):\n" + \
         "\n".join(bad)
+
+
+# The layers of docs/architecture.md, bottom up: a package may import its own layer's foundations and anything
+# below it, never above. Each package's `command` module is the CLI layer (console, options) over its library.
+LAYERS = [
+    {"tunelab", "tunelab.errors", "tunelab.config", "tunelab.results", "tunelab.stats"},
+    {"tunelab.data"},
+    {"tunelab.prompts", "tunelab.models", "tunelab.report"},
+    {"tunelab.evaluate"},
+    {"tunelab.generate", "tunelab.train", "tunelab.serve"},
+    {"tunelab.run"},
+]
+CLI = {"tunelab.cli", "tunelab.console", "tunelab.options"}
+
+
+def _layer(area: str) -> int:
+    return next(i for i, group in enumerate(LAYERS) if area in group)
+
+
+def test_packages_import_only_their_layer_and_below():
+    """A newcomer adding a module sees where it may reach: the library never imports the CLI, and a lower layer
+    never imports a higher one (e.g. evaluate never imports train; report knows no result types)."""
+    files = module_files()
+    bad = []
+    for m, f in files.items():
+        src = _area(m)
+        is_command = m.endswith(".command") or src in CLI
+        for target, _, line in imports_of(m, f, set(files)):
+            dst = _area(target)
+            if dst in CLI:
+                ok = is_command
+            elif src in CLI:
+                ok = True
+            else:
+                ok = src == dst or _layer(dst) < _layer(src) or (_layer(dst) == _layer(src) == 0) \
+                    or (is_command and _layer(dst) <= _layer(src))
+            if not ok:
+                bad.append(f"{f.relative_to(ROOT)}:{line}: {src} imports {dst}")
+    assert not bad, "imports against the layers of docs/architecture.md:\n" + "\n".join(bad)
