@@ -201,7 +201,9 @@ class BeforeAfterEval(StrictModel):
         return self
 
 
-class ForgettingProbe(StrictModel):
+class ForgettingConfig(StrictModel):
+    """The ``forgetting:`` section: general data whose perplexity is compared before and after training."""
+
     data: str = Field(description="general chat/alpaca/text data the task does not train; "
                                   "reported as perplexity on its answers before and after")
     format: DataFormat = "auto"
@@ -219,7 +221,7 @@ class TrainConfig(StrictModel):
     train: LoopConfig = Field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: BeforeAfterEval | None = None
-    forgetting: ForgettingProbe | None = None
+    forgetting: ForgettingConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
