@@ -8,7 +8,6 @@ the outputs of the stages before it) and does its work (``run``), leaving everyt
 
 from __future__ import annotations
 
-import importlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -380,7 +379,7 @@ class TrainStage:
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.train.checkpoint import latest_checkpoint
-        from tunelab.train.command import RECIPES
+        from tunelab.train.recipes import recipe
 
         resume = resume and latest_checkpoint(d) is not None
         if not resume and d.exists():
@@ -394,8 +393,7 @@ class TrainStage:
         ctx.log(f"train {self.plan.entry.name}: {cfg.method} on {Path(cfg.data.path).name} with prompt {ref.name}"
                 + (" (resuming from the latest checkpoint)" if resume else ""))
         release_models()
-        recipe = importlib.import_module(RECIPES[cfg.method])
-        rep = recipe.run(cfg, resume=resume, log=ctx.log, console=ctx.console)
+        rep = recipe(cfg.method).run(cfg, resume=resume, log=ctx.log, console=ctx.console)
         release_models()
         artifact = Path(rep["artifact"])
         weights = sorted(artifact.glob("*.safetensors"))

@@ -10,8 +10,6 @@ import typer
 from tunelab.options import choices, field_default, field_option, given_fields
 from tunelab.train.config import TrainConfig
 
-RECIPES = {"lora": "tunelab.train.lora", "full": "tunelab.train.full", "pretrain": "tunelab.train.pretrain"}
-
 
 def parse_set(items: list[str]) -> dict:
     """``--set FIELD=VALUE`` items as ``{"FIELD": value}``; each value is parsed as YAML (null, 1e-4, [a, b])."""
@@ -91,13 +89,13 @@ def train_cmd(
 
     Quick form: tunelab train --method lora --prompt SPEC.yaml --data FILE.jsonl --out DIR
     """
-    import importlib
     import os
 
     from tunelab.console import err_console
     from tunelab.errors import ConfigError
     from tunelab.train.config import load_train_config
     from tunelab.train.loop import stderr_log
+    from tunelab.train.recipes import recipe
 
     if config is None and data is None:
         raise ConfigError("give a train config YAML, or --data FILE (with --prompt SPEC.yaml for labelled items); "
@@ -109,8 +107,7 @@ def train_cmd(
         overrides["train.micro_batch_size"] = min(batch_size, field_default(TrainConfig, "train.micro_batch_size"))
     cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    recipe = importlib.import_module(RECIPES[cfg.method])
-    result = recipe.run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
+    result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
     if dry_run and result:
         import json
 
