@@ -9,7 +9,8 @@ import torch
 from test_train_support import chat_rows, tiny_model_dir, write_jsonl  # noqa: F401
 from tunelab.train.collate import collate, plan_rows
 from tunelab.train.data import Example
-from tunelab.train.loop import SupervisedLoss, batch_loss, lr_factor
+from tunelab.train.loop import lr_factor
+from tunelab.train.loss import SupervisedLoss, batch_loss
 
 
 def random_examples(n_list, vocab=97, seed=1):
@@ -60,7 +61,7 @@ def test_packed_equals_padded_equals_naive(tiny_llama):
 def test_varlen_attention_equals_naive(tiny_llama):
     import copy
 
-    from tunelab.train.loop import use_varlen_attention
+    from tunelab.train.attention import use_varlen_attention
 
     model = copy.deepcopy(tiny_llama)  # the session fixture keeps its own attention
     assert use_varlen_attention(model)
@@ -131,7 +132,8 @@ def test_schedule_warmup_then_cosine_to_min():
 def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, tiny_model_dir):
     from tunelab.train.config import TrainConfig
     from tunelab.train.lora import attach_lora
-    from tunelab.train.loop import fit, load_base_model, resolve_attention, start_run
+    from tunelab.train.attention import resolve_attention
+    from tunelab.train.loop import fit, load_base_model, start_run
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
     curves = []
@@ -153,7 +155,7 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
 
 
 def test_attention_auto_is_varlen_on_a_cpu_and_mask_on_cuda():
-    from tunelab.train.loop import resolve_attention
+    from tunelab.train.attention import resolve_attention
 
     assert resolve_attention("auto", torch.device("cpu")) == "varlen"
     assert resolve_attention("auto", torch.device("cuda")) == "mask"   # launch-bound there: one kernel per layer

@@ -16,7 +16,8 @@ from tunelab.config import validate_as
 from tunelab.train.collate import collate
 from tunelab.train.config import TrainConfig
 from tunelab.train.data import Example
-from tunelab.train.loop import SupervisedLoss, batch_loss, batch_nll, use_varlen_attention
+from tunelab.train.attention import use_varlen_attention
+from tunelab.train.loss import SupervisedLoss, batch_loss, batch_nll
 
 
 def every_token(examples: list[Example]) -> list[Example]:

@@ -6,7 +6,8 @@ what the same sequences would compute one by one (tested). Two ways to stop it:
 
 - ``varlen`` (``train.attention: auto`` on a CPU): one row holding every sequence of the micro-batch, no
   padding at all, and the sequence boundaries (``segments``) handed to an attention function that runs causal
-  attention per sequence (``tunelab.train.loop.varlen_attention``). Attention then costs sum(L_i^2), not (sum L_i)^2.
+  attention per sequence (``tunelab.train.attention.varlen_attention``). Attention then costs sum(L_i^2), not
+  (sum L_i)^2.
 - ``mask``: rows of at most ``pack_len`` tokens with a block-diagonal causal bool mask ``(B, 1, T, T)``, which
   transformers uses as given; works with any attention implementation.
 

@@ -4,9 +4,6 @@ One optimizer step takes ``batch_size`` examples (over all processes) in a fixed
 micro-batches of ``micro_batch_size``; gradients accumulate over them. The loss is the mean over the step's
 target tokens, whatever the packing, micro-batching or number of processes (each micro-batch's summed loss
 is divided by the step's total target count), so a packed and a padded run give the same losses.
-
-The loss applies the output projection only where a target is predicted: the decoder gives hidden states
-``(B, T, C)``, the target positions are gathered to ``(N, C)`` and only those meet the 49k-entry lm_head.
 """
 
 from __future__ import annotations
@@ -25,142 +22,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from tunelab.errors import ConfigError, ModelError, TunelabError
+from tunelab.train.attention import resolve_attention, use_varlen_attention
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
-from tunelab.train.collate import Batch, collate
+from tunelab.train.collate import collate
 from tunelab.train.config import OptimConfig, TrainConfig
 from tunelab.train.data import Example, TrainData
+from tunelab.train.loss import SupervisedLoss, batch_nll
+from tunelab.train.precision import autocast_ctx, cast_norm_outputs, pick_autocast
 
 
 # --------------------------------------------------------------------------------------------------
-# the loss
+# resources and seeds
 # --------------------------------------------------------------------------------------------------
-class SupervisedLoss(torch.nn.Module):
-    """Cross-entropy of a causal LM at the target positions only: one NLL per target, shape (N,), fp32.
-
-    Wrapping the model in a module keeps DDP/FSDP in charge of the forward (gradient hooks) while the
-    forward itself skips the full-vocabulary logits.
-    """
-
-    def __init__(self, model: torch.nn.Module, head_chunk: int = 2048):
-        super().__init__()
-        self.model = model
-        self.head_chunk = head_chunk
-
-    def forward(self, input_ids, position_ids, attention_mask, pred_rows, pred_cols, targets,
-                segments: list[int] | None = None) -> torch.Tensor:
-        body = self.model.get_decoder()
-        head = self.model.get_output_embeddings()
-        extra = {"tunelab_segments": segments} if segments is not None else {}
-        h = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                 use_cache=False, **extra).last_hidden_state            # (B, T, C), final norm applied
-        hs = h[pred_rows, pred_cols]                                     # (N, C)
-        if hs.shape[0] <= self.head_chunk:
-            return _head_nll(head, hs, targets)
-        # Many targets (pre-training, prompt loss): logits chunk by chunk, recomputed in backward, never (N, V).
-        from torch.utils.checkpoint import checkpoint
-
-        return torch.cat([checkpoint(_head_nll, head, hs[s:s + self.head_chunk], targets[s:s + self.head_chunk],
-                                     use_reentrant=False) for s in range(0, hs.shape[0], self.head_chunk)])
-
-
-def _head_nll(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hs).float()                                            # (N, V)
-    return F.cross_entropy(logits, targets, reduction="none")
-
-
-def batch_nll(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """(N,) NLL of every target of ``batch``: the answer targets first, then any prompt targets."""
-    return loss_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_rows,
-                       batch.pred_cols, batch.targets, batch.segments)
-
-
-def batch_loss(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed NLL of the answer targets of ``batch``."""
-    return batch_nll(loss_module, batch)[:batch.n_targets].sum()
-
-
-# --------------------------------------------------------------------------------------------------
-# varlen attention: causal attention per packed sequence
-# --------------------------------------------------------------------------------------------------
-VARLEN = "tunelab_varlen"
-
-
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention function: with ``tunelab_segments`` (boundaries in a single packed row) each
-    sequence attends causally to itself only; without them (inference, probes) plain SDPA.
-
-    query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D)
-    """
-    segments = kwargs.pop("tunelab_segments", None)
-    if segments is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    p = dropout if module.training else 0.0
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    outs = [_causal_attention(query[0, :, s:e], key[0, :, s:e], value[0, :, s:e], scale, p)
-            for s, e in zip(segments[:-1], segments[1:])]
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)           # (H, T, D)
-    return out.transpose(0, 1).unsqueeze(0).contiguous(), None
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, p: float) -> torch.Tensor:
-    """Causal attention of one sequence as two batched matmuls: q (H, L, D), k/v (Hkv, L, D) -> (H, L, D).
-
-    The query heads that share a key/value head are stacked along the rows, so grouped-query attention needs
-    no repeated keys. On the CPU this is ~1.8x faster (forward + backward, bf16) than SDPA's flash kernel
-    called per sequence, whose backward dominated the step for ~100-token reviews.
-    """
-    heads, n, d = q.shape
-    kv_heads = k.shape[0]
-    g = heads // kv_heads
-    scores = torch.matmul(q.reshape(kv_heads, g * n, d), k.transpose(-1, -2)) * scale   # (Hkv, g*L, L)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    probs = scores.view(kv_heads, g, n, n).masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32)
-    probs = probs.to(v.dtype)
-    if p > 0:
-        probs = F.dropout(probs, p)
-    return torch.matmul(probs.view(kv_heads, g * n, n), v).view(heads, n, d)
-
-
-def use_varlen_attention(model: torch.nn.Module) -> bool:
-    """Switch a transformers model to ``varlen_attention``; False if it does not take pluggable attention."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN, varlen_attention)
-    try:
-        model.set_attn_implementation(VARLEN)
-    except (ValueError, AttributeError, NotImplementedError):
-        return False
-    return getattr(model.config, "_attn_implementation", None) == VARLEN
-
-
-# --------------------------------------------------------------------------------------------------
-# precision and devices
-# --------------------------------------------------------------------------------------------------
-def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
-    from tunelab.models.local import cpu_has_fast_bf16
-
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
-def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
-    from tunelab.models.local import autocast_context
-
-    return autocast_context(device.type, dtype)
-
-
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
@@ -274,39 +150,6 @@ def check_batching(run: Run) -> None:
 # --------------------------------------------------------------------------------------------------
 # model loading
 # --------------------------------------------------------------------------------------------------
-NORMS_FEEDING_LINEARS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm")
-
-
-def cast_norm_outputs(model: torch.nn.Module) -> int:
-    """Under autocast, hand the decoder-layer norms' outputs on in the autocast dtype.
-
-    Autocast casts a fp32 input to bf16 separately for every matmul that reads it (q, k, v, and with LoRA
-    each lora_A again), keeping each copy for backward. The norms' outputs feed only such matmuls, so casting
-    once gives the same numbers with one saved copy instead of up to seven. Outside autocast: a no-op.
-    """
-    def hook(module, args, output):
-        if isinstance(output, torch.Tensor) and output.is_floating_point():
-            dev = output.device.type
-            if torch.is_autocast_enabled(dev):
-                return output.to(torch.get_autocast_dtype(dev))
-        return output
-
-    n = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in NORMS_FEEDING_LINEARS:
-            module.register_forward_hook(hook)
-            n += 1
-    return n
-
-
-def resolve_attention(attention: str, device: torch.device) -> str:
-    """``train.attention`` for this device. varlen runs ~8 small ops per sequence and layer: on a CPU that beats
-    one masked kernel over the whole row, on CUDA each is a kernel launch, and the step is launch-bound."""
-    if attention != "auto":
-        return attention
-    return "mask" if device.type == "cuda" else "varlen"
-
-
 def load_base_model(run: Run) -> torch.nn.Module:
     """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
     from transformers import AutoModelForCausalLM
@@ -744,27 +587,8 @@ def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
 
 
 # --------------------------------------------------------------------------------------------------
-# evaluation helpers (forgetting probe, report numbers)
+# files and logs
 # --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def mean_nll(model: torch.nn.Module, examples: list[Example], *, device: torch.device,
-             autocast: torch.dtype | None, pad_id: int = 0, batch_size: int = 8, pack_len: int = 1024,
-             varlen: bool = False) -> float:
-    """Mean negative log-likelihood per target token (exp() of it is the perplexity)."""
-    was_training = model.training
-    model.eval()
-    loss_module = SupervisedLoss(model)
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch_size):
-        batch = collate(examples[s:s + batch_size], packing=True, pack_len=pack_len, pad_id=pad_id,
-                        varlen=varlen).to(device)
-        with autocast_ctx(device, autocast):
-            total += float(batch_loss(loss_module, batch))
-        count += batch.n_targets
-    model.train(was_training)
-    return total / max(1, count)
-
-
 def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -17,6 +17,7 @@ from tunelab.errors import ModelError
 from tunelab.train import report
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
 from tunelab.train.loop import Run, fit, load_base_model, save_last, start_run
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype
 
 
 def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None = None) -> torch.nn.Module:
@@ -54,32 +55,6 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.n
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])  # torch's first line is a header
         raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
-
-
-def frozen_dtype(settings: LoraSettings, autocast: torch.dtype | None) -> torch.dtype | None:
-    if settings.frozen_dtype == "bfloat16":
-        return torch.bfloat16
-    if settings.frozen_dtype == "auto" and autocast is not None:
-        return autocast
-    return None
-
-
-def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Store frozen Linear weights in ``dtype``: autocast would cast them to it on every call anyway.
-
-    Embeddings, norms and anything tied to the embeddings (the lm_head of SmolLM2) stay fp32, so the residual
-    stream keeps its precision. Returns the number of weights cast.
-    """
-    emb = model.get_input_embeddings().weight
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not emb \
-                and m.weight.dtype != dtype:
-            m.weight.data = m.weight.data.to(dtype)
-            if m.bias is not None:
-                m.bias.data = m.bias.data.to(dtype)
-            n += 1
-    return n
 
 
 def save_adapter(run: Run, model, target: Path | None = None) -> Path:

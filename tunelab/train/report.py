@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from tunelab.train.data import (TrainData, dump_example, end_of_turn_marker, eos_supervised, load_train_data)
-from tunelab.train.loop import FitResult, Run, count_parameters, env_info, make_plan, mean_nll, peak_rss_gb, \
-    write_json
+from tunelab.train.loop import FitResult, Run, count_parameters, env_info, make_plan, peak_rss_gb, write_json
+from tunelab.train.loss import mean_nll
 
 
 # --------------------------------------------------------------------------------------------------

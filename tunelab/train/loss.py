@@ -1,0 +1,79 @@
+"""The training objective: cross-entropy of a causal LM at the target positions only.
+
+The loss applies the output projection only where a target is predicted: the decoder gives hidden states
+``(B, T, C)``, the target positions are gathered to ``(N, C)`` and only those meet the 49k-entry lm_head.
+``mean_nll`` is the same loss as one number over a list of examples (the forgetting probe).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.train.collate import Batch, collate
+from tunelab.train.data import Example
+from tunelab.train.precision import autocast_ctx
+
+
+class SupervisedLoss(torch.nn.Module):
+    """Cross-entropy of a causal LM at the target positions only: one NLL per target, shape (N,), fp32.
+
+    Wrapping the model in a module keeps DDP/FSDP in charge of the forward (gradient hooks) while the
+    forward itself skips the full-vocabulary logits.
+    """
+
+    def __init__(self, model: torch.nn.Module, head_chunk: int = 2048):
+        super().__init__()
+        self.model = model
+        self.head_chunk = head_chunk
+
+    def forward(self, input_ids, position_ids, attention_mask, pred_rows, pred_cols, targets,
+                segments: list[int] | None = None) -> torch.Tensor:
+        body = self.model.get_decoder()
+        head = self.model.get_output_embeddings()
+        extra = {"tunelab_segments": segments} if segments is not None else {}
+        h = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                 use_cache=False, **extra).last_hidden_state            # (B, T, C), final norm applied
+        hs = h[pred_rows, pred_cols]                                     # (N, C)
+        if hs.shape[0] <= self.head_chunk:
+            return _head_nll(head, hs, targets)
+        # Many targets (pre-training, prompt loss): logits chunk by chunk, recomputed in backward, never (N, V).
+        from torch.utils.checkpoint import checkpoint
+
+        return torch.cat([checkpoint(_head_nll, head, hs[s:s + self.head_chunk], targets[s:s + self.head_chunk],
+                                     use_reentrant=False) for s in range(0, hs.shape[0], self.head_chunk)])
+
+
+def _head_nll(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hs).float()                                            # (N, V)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def batch_nll(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """(N,) NLL of every target of ``batch``: the answer targets first, then any prompt targets."""
+    return loss_module(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pred_rows,
+                       batch.pred_cols, batch.targets, batch.segments)
+
+
+def batch_loss(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed NLL of the answer targets of ``batch``."""
+    return batch_nll(loss_module, batch)[:batch.n_targets].sum()
+
+
+@torch.no_grad()
+def mean_nll(model: torch.nn.Module, examples: list[Example], *, device: torch.device,
+             autocast: torch.dtype | None, pad_id: int = 0, batch_size: int = 8, pack_len: int = 1024,
+             varlen: bool = False) -> float:
+    """Mean negative log-likelihood per target token (exp() of it is the perplexity)."""
+    was_training = model.training
+    model.eval()
+    loss_module = SupervisedLoss(model)
+    total, count = 0.0, 0
+    for s in range(0, len(examples), batch_size):
+        batch = collate(examples[s:s + batch_size], packing=True, pack_len=pack_len, pad_id=pad_id,
+                        varlen=varlen).to(device)
+        with autocast_ctx(device, autocast):
+            total += float(batch_loss(loss_module, batch))
+        count += batch.n_targets
+    model.train(was_training)
+    return total / max(1, count)
