@@ -42,7 +42,9 @@ def main() -> None:
     from tunelab.config import validate_as
     from tunelab.train import lora
     from tunelab.train.config import TrainConfig
-    from tunelab.train.loop import fit, load_base_model, start_run
+    from tunelab.train.loop import fit
+    from tunelab.train.modeling import load_base_model
+    from tunelab.train.session import start_session
 
     cfg = validate_as(TrainConfig, {
         "method": args.method, "model": args.model, "out": args.out,
@@ -53,7 +55,7 @@ def main() -> None:
                   "micro_batch_tokens": None, "device": args.device,
                   "attention": args.attention},
     }, "<profile>")
-    run = start_run(cfg, log=lambda m: None)
+    run = start_session(cfg, log=lambda m: None)
     model = load_base_model(run)
     if args.method == "lora":
         model = lora.attach_lora(model, cfg.lora, run)

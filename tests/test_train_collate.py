@@ -133,7 +133,9 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
     from tunelab.train.config import TrainConfig
     from tunelab.train.lora import attach_lora
     from tunelab.train.attention import resolve_attention
-    from tunelab.train.loop import fit, load_base_model, start_run
+    from tunelab.train.loop import fit
+    from tunelab.train.modeling import load_base_model
+    from tunelab.train.session import start_session
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(16))
     curves = []
@@ -144,7 +146,7 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
             "optim": {"lr": 1e-2}, "lora": {"r": 4},
             "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 4, "packing": packing, "pack_len": 256,
                       "dtype": "float32", "activation_checkpointing": ac, "attention": attn}})
-        run = start_run(cfg, log=lambda s: None)
+        run = start_session(cfg, log=lambda s: None)
         model = attach_lora(load_base_model(run), cfg.lora, run)
         assert run.varlen == (packing and resolve_attention(attn, run.device) == "varlen")
         curves.append([h["loss"] for h in fit(run, model).history])

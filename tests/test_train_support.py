@@ -81,7 +81,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from tunelab.train.loop import load_tokenizer
+    from tunelab.train.tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
 

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from tunelab.train import report
 from tunelab.train.config import TrainConfig
-from tunelab.train.loop import Run, fit, load_base_model, save_last, start_run
+from tunelab.train.loop import fit, save_last
+from tunelab.train.modeling import load_base_model
+from tunelab.train.session import TrainSession, start_session
 
 
-def save_model(run: Run, model, target: Path | None = None) -> Path:
+def save_model(run: TrainSession, model, target: Path | None = None) -> Path:
     """A complete HF model directory that `tunelab eval --model DIR` and every HF tool load."""
     target = target or run.out / "model"
     target.mkdir(parents=True, exist_ok=True)
@@ -30,7 +32,7 @@ def save_model(run: Run, model, target: Path | None = None) -> Path:
 
 
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
-    r = start_run(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
     report.show_preview(r)
     if dry_run:
         return report.dry_run_summary(r)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import re
 import resource
 import sys
@@ -23,15 +22,15 @@ from typing import Any, Callable
 
 import torch
 
-from tunelab.errors import ConfigError, ModelError, TunelabError
-from tunelab.train.attention import resolve_attention, use_varlen_attention
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
 from tunelab.train.collate import collate
 from tunelab.train.config import OptimConfig, TrainConfig
-from tunelab.train.data import Example, TrainData
+from tunelab.train.data import Example
 from tunelab.train.loss import SupervisedLoss, batch_nll
-from tunelab.train.precision import autocast_ctx, cast_norm_outputs, pick_autocast
+from tunelab.train.modeling import trainable_named
+from tunelab.train.session import TrainSession
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,148 +39,6 @@ from tunelab.train.precision import autocast_ctx, cast_norm_outputs, pick_autoca
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2 ** 32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
-# --------------------------------------------------------------------------------------------------
-# the run: config, processes, tokenizer, data
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    cfg: TrainConfig
-    out: Path
-    accelerator: Any
-    device: torch.device
-    autocast: torch.dtype | None
-    tokenizer: Any
-    model_path: Path
-    data: TrainData
-    log: Callable[[str], None] = print
-    console: Any = None
-    resume: bool = False
-    varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
-
-    @property
-    def rank(self) -> int:
-        return self.accelerator.process_index
-
-    @property
-    def world(self) -> int:
-        return self.accelerator.num_processes
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def autocast_ctx(self):
-        return autocast_ctx(self.device, self.autocast)
-
-
-def load_tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
-    from tunelab.models.local import FALLBACK_TEMPLATE
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_path))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the tokenizer from {model_path}: {str(e).splitlines()[0]}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = FALLBACK_TEMPLATE
-    return tok
-
-
-def start_run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log: Callable[[str], None] = print,
-              console=None) -> Run:
-    """Processes, seeds, tokenizer and data: everything before the model is loaded (also the dry run)."""
-    from accelerate import Accelerator
-
-    from tunelab.models.convert import resolve_local_path
-    from tunelab.train.data import load_train_data
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    want_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available", where="train.device")
-    accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
-    device = accelerator.device
-    seed_everything(cfg.train.seed)
-    model_path = resolve_local_path(cfg.model)
-    tok = load_tokenizer(model_path)
-    spec = None
-    if cfg.data.prompt:
-        from tunelab.prompts import load_prompt_spec
-
-        spec = load_prompt_spec(cfg.data.prompt)
-    data = load_train_data(cfg.data, tok, method=cfg.method, spec=spec)
-    out = Path(cfg.out)
-    if not resume and not dry_run and latest_checkpoint(out) is not None:
-        raise ConfigError(f"{out} holds checkpoints of an earlier run: add --resume to continue it, or choose a new "
-                          "--out", where="out")
-    run = Run(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
-              log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume)
-    check_batching(run)
-    return run
-
-
-def check_batching(run: Run) -> None:
-    t, n, w = run.cfg.train, len(run.data.examples), run.world
-    if t.batch_size % w:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must split evenly over {w} processes",
-                          where="train.batch_size")
-    if n < t.batch_size:
-        raise ConfigError(f"only {n} examples, fewer than train.batch_size ({t.batch_size}); lower --batch-size",
-                          where="train.batch_size")
-
-
-# --------------------------------------------------------------------------------------------------
-# model loading
-# --------------------------------------------------------------------------------------------------
-def load_base_model(run: Run) -> torch.nn.Module:
-    """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
-    from transformers import AutoModelForCausalLM
-
-    if run.device.type == "cpu":
-        # Grouped-query attention without materialising the repeated keys/values (CPU SDPA handles a mask with
-        # it; tested equal): less activation memory. On CUDA a mask would force the slow kernel, so not there.
-        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(run.model_path), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model from {run.model_path}: {str(e).splitlines()[0]}") from None
-    model.config.use_cache = False
-    t = run.cfg.train
-    run.varlen = False
-    if t.packing and resolve_attention(t.attention, run.device) == "varlen":
-        run.varlen = use_varlen_attention(model)
-        if not run.varlen:
-            run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
-    cast_norm_outputs(model)
-    if t.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(run.device)
-
-
-def count_parameters(model: torch.nn.Module) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "trainable_share": trainable / max(1, total)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,10 +181,6 @@ class FitResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 class WeightEMA:
     """An exponential moving average of the trained weights (Polyak averaging), updated after every optimizer step:
     ``avg = d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` after the n-th update, so that the
@@ -392,7 +245,7 @@ def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
         load_weights(named, keep)
 
 
-def save_last(run: Run, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
+def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
               artifact: Path) -> Path | None:
     """With ``train.ema_decay`` the run's result (``artifact``: OUT/adapter, OUT/model) is the average; this saves
     the last weights beside it (OUT/adapter-last, OUT/model-last) with the same ``save``."""
@@ -405,7 +258,7 @@ def save_last(run: Run, model: torch.nn.Module, result: FitResult, save: Callabl
     return target
 
 
-def build_optimizer(run: Run, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(run: TrainSession, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: weight decay on matrices only; ``optim.param_groups`` give the
     parameters they match (first match wins) their own lr multiplier (``lr_scale``, read by the schedule)."""
     return torch.optim.AdamW(param_groups(run.cfg.optim, named), lr=run.cfg.optim.lr, betas=run.cfg.optim.betas,
@@ -431,7 +284,7 @@ def param_groups(o: OptimConfig, named: dict[str, torch.nn.Parameter]) -> list[d
     return groups
 
 
-def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path,
+def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path,
             ema: WeightEMA | None = None) -> dict:
     """Load the latest checkpoint into the parameters, optimizer and RNGs; the counters to continue from."""
     ck = latest_checkpoint(run.out)
@@ -474,7 +327,7 @@ def _resume(run: Run, plan: Plan, named: dict[str, torch.nn.Parameter], optimize
             "elapsed": st["train_seconds"], "history": history}
 
 
-def fit(run: Run, model: torch.nn.Module, *, resume: bool | None = None,
+def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None,
         on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history."""
     cfg, acc = run.cfg, run.accelerator

@@ -16,11 +16,13 @@ import torch
 from tunelab.errors import ModelError
 from tunelab.train import report
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
-from tunelab.train.loop import Run, fit, load_base_model, save_last, start_run
+from tunelab.train.loop import fit, save_last
+from tunelab.train.modeling import load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
+from tunelab.train.session import TrainSession, start_session
 
 
-def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: Run | None = None) -> torch.nn.Module:
+def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: TrainSession | None = None) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     if settings.init_adapter:
@@ -57,7 +59,7 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.n
         raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
 
 
-def save_adapter(run: Run, model, target: Path | None = None) -> Path:
+def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:
     """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training."""
     target = target or run.out / "adapter"
     target.mkdir(parents=True, exist_ok=True)
@@ -69,7 +71,7 @@ def save_adapter(run: Run, model, target: Path | None = None) -> Path:
 
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
     cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
-    r = start_run(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
     report.show_preview(r)
     if dry_run:
         return report.dry_run_summary(r)

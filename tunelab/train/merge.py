@@ -94,7 +94,7 @@ def merge_adapter(adapter: Path, out: Path, *, model: str | None = None, probe_f
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.convert import resolve_local_path
-    from tunelab.train.loop import load_tokenizer
+    from tunelab.train.tokenizer import load_tokenizer
 
     adapter = find_adapter_dir(Path(adapter))
     base_path = resolve_local_path(model or base_model_of(adapter))

@@ -9,7 +9,7 @@ folder of .txt files).
 
 from __future__ import annotations
 
-# the full fine-tuning recipe: start_run reads raw text into blocks for method "pretrain" and every token is a
+# the full fine-tuning recipe: start_session reads raw text into blocks for method "pretrain" and every token is a
 # target there; loading, fitting, saving and the report are the same
 from tunelab.train.full import run
 

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from tunelab.train.data import (TrainData, dump_example, end_of_turn_marker, eos_supervised, load_train_data)
-from tunelab.train.loop import FitResult, Run, count_parameters, env_info, make_plan, peak_rss_gb, write_json
+from tunelab.train.loop import FitResult, env_info, make_plan, peak_rss_gb, write_json
 from tunelab.train.loss import mean_nll
+from tunelab.train.modeling import count_parameters
+from tunelab.train.session import TrainSession
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,7 +41,7 @@ def marked_text(tokens: list[tuple[str, bool]]) -> str:
     return "".join(out)
 
 
-def show_preview(run: Run) -> dict[str, Any]:
+def show_preview(run: TrainSession) -> dict[str, Any]:
     """Print the token statistics and the first example with its supervised tokens marked; check the EOS."""
     from tunelab.errors import DataError
     from tunelab.train.data import supervision_preview
@@ -94,7 +96,7 @@ def show_preview(run: Run) -> dict[str, Any]:
     return info
 
 
-def dry_run_summary(run: Run) -> dict[str, Any]:
+def dry_run_summary(run: TrainSession) -> dict[str, Any]:
     plan = make_plan(run.cfg, len(run.data.examples))
     out = {"dry_run": True, "method": run.cfg.method, "model": str(run.model_path), "data": run.data.stats.as_dict(),
            "format": run.data.format, "steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
@@ -107,7 +109,7 @@ def parameter_summary(model: torch.nn.Module) -> dict[str, Any]:
     return count_parameters(model)
 
 
-def write_inference_files(run: Run, target: Path) -> None:
+def write_inference_files(run: TrainSession, target: Path) -> None:
     """The exact chat template and PromptSpec used, so eval and serve render the same tokens as training."""
     tmpl = getattr(run.tokenizer, "chat_template", None)
     if isinstance(tmpl, str):
@@ -152,7 +154,7 @@ class ForgettingProbe:
     after: float | None = None
 
     @classmethod
-    def create(cls, run: Run) -> "ForgettingProbe":
+    def create(cls, run: TrainSession) -> "ForgettingProbe":
         f = run.cfg.forgetting
         if f is None:
             return cls()
@@ -161,11 +163,11 @@ class ForgettingProbe:
         dc = TrainDataConfig(path=f.data, format=f.format, limit=f.limit, max_seq_len=run.cfg.data.max_seq_len)
         return cls(load_train_data(dc, run.tokenizer, method="lora"))
 
-    def _nll(self, run: Run, model) -> float:
+    def _nll(self, run: TrainSession, model) -> float:
         return mean_nll(model, self.data.examples, device=run.device, autocast=run.autocast,
                         pad_id=run.tokenizer.pad_token_id or 0)
 
-    def measure_before(self, run: Run, model) -> None:
+    def measure_before(self, run: TrainSession, model) -> None:
         if self.data is None or not run.is_main:
             return
         cached = run.out / "forgetting_before.json"
@@ -177,7 +179,7 @@ class ForgettingProbe:
         run.log(f"forgetting probe before: perplexity {math.exp(self.before):.3f} on {len(self.data.examples)} "
                 f"examples of {self.data.path.name}")
 
-    def measure_after(self, run: Run, model) -> None:
+    def measure_after(self, run: TrainSession, model) -> None:
         if self.data is None or not run.is_main:
             return
         self.after = self._nll(run, model)
@@ -199,7 +201,8 @@ class ForgettingProbe:
 # --------------------------------------------------------------------------------------------------
 # before/after eval (EvalRunner)
 # --------------------------------------------------------------------------------------------------
-def before_after_eval(run: Run, artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any] | None:
+def before_after_eval(run: TrainSession, artifact: Path, kind: str, last: Path | None = None
+                      ) -> dict[str, Any] | None:
     """Run the same eval config on the base model and on the trained one (one EvalRunner, two models). With a
     weight average (``train.ema_decay``) the last weights (``last``) are a third model, compared with the average
     on the same items (``out["ema"]``: before = last weights, after = average)."""
@@ -290,8 +293,8 @@ def flops_per_token(model_config: Any, method: str, mean_row_len: float, target_
 # --------------------------------------------------------------------------------------------------
 # the end of a run
 # --------------------------------------------------------------------------------------------------
-def finish(run: Run, result: FitResult, params: dict[str, Any], probe: ForgettingProbe, *, artifact: Path,
-           kind: str, last: Path | None = None) -> dict[str, Any]:
+def finish(run: TrainSession, result: FitResult, params: dict[str, Any], probe: ForgettingProbe, *,
+           artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     if not run.is_main:
         return {}

@@ -1,0 +1,53 @@
+"""The model a run trains: the base causal LM in fp32 with the run's attention, norm casts and activation
+checkpointing (``load_base_model``), and its parameters (``count_parameters``, ``trainable_named``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from tunelab.errors import ModelError
+from tunelab.train.attention import resolve_attention, use_varlen_attention
+from tunelab.train.precision import cast_norm_outputs
+from tunelab.train.session import TrainSession
+
+
+def load_base_model(run: TrainSession) -> torch.nn.Module:
+    """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
+    from transformers import AutoModelForCausalLM
+
+    if run.device.type == "cpu":
+        # Grouped-query attention without materialising the repeated keys/values (CPU SDPA handles a mask with
+        # it; tested equal): less activation memory. On CUDA a mask would force the slow kernel, so not there.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(run.model_path), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model from {run.model_path}: {str(e).splitlines()[0]}") from None
+    model.config.use_cache = False
+    t = run.cfg.train
+    run.varlen = False
+    if t.packing and resolve_attention(t.attention, run.device) == "varlen":
+        run.varlen = use_varlen_attention(model)
+        if not run.varlen:
+            run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
+    cast_norm_outputs(model)
+    if t.activation_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(run.device)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, Any]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "trainable_share": trainable / max(1, total)}
+
+
+def trainable_named(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,109 @@
+"""The runtime state of one training run (``TrainSession``): its config, output folder, processes (accelerate),
+device and autocast dtype, tokenizer and data; ``start_session`` builds it, everything before the model is loaded
+(also for the dry run). Named so as not to be confused with the experiments of `tunelab run`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tunelab.errors import ConfigError
+from tunelab.train.checkpoint import latest_checkpoint
+from tunelab.train.config import TrainConfig
+from tunelab.train.data import TrainData
+from tunelab.train.precision import autocast_ctx, pick_autocast
+from tunelab.train.tokenizer import load_tokenizer
+
+
+@dataclass
+class TrainSession:
+    """One training run as it runs: what ``fit``, the recipes and the report read (``log`` prints on the main
+    process only)."""
+
+    cfg: TrainConfig
+    out: Path
+    accelerator: Any
+    device: torch.device
+    autocast: torch.dtype | None
+    tokenizer: Any
+    model_path: Path
+    data: TrainData
+    log: Callable[[str], None] = print
+    console: Any = None
+    resume: bool = False
+    varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def autocast_ctx(self):
+        return autocast_ctx(self.device, self.autocast)
+
+
+def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False,
+                  log: Callable[[str], None] = print, console=None) -> TrainSession:
+    """Processes, seeds, tokenizer and data: everything before the model is loaded (also the dry run)."""
+    from accelerate import Accelerator
+
+    from tunelab.models.convert import resolve_local_path
+    from tunelab.train.data import load_train_data
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    want_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available", where="train.device")
+    accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
+    device = accelerator.device
+    seed_everything(cfg.train.seed)
+    model_path = resolve_local_path(cfg.model)
+    tok = load_tokenizer(model_path)
+    spec = None
+    if cfg.data.prompt:
+        from tunelab.prompts import load_prompt_spec
+
+        spec = load_prompt_spec(cfg.data.prompt)
+    data = load_train_data(cfg.data, tok, method=cfg.method, spec=spec)
+    out = Path(cfg.out)
+    if not resume and not dry_run and latest_checkpoint(out) is not None:
+        raise ConfigError(f"{out} holds checkpoints of an earlier run: add --resume to continue it, or choose a new "
+                          "--out", where="out")
+    run = TrainSession(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
+                       log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume)
+    check_batching(run)
+    return run
+
+
+def check_batching(run: TrainSession) -> None:
+    t, n, w = run.cfg.train, len(run.data.examples), run.world
+    if t.batch_size % w:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must split evenly over {w} processes",
+                          where="train.batch_size")
+    if n < t.batch_size:
+        raise ConfigError(f"only {n} examples, fewer than train.batch_size ({t.batch_size}); lower --batch-size",
+                          where="train.batch_size")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
