@@ -9,8 +9,8 @@ import torch
 from test_train_support import chat_rows, tiny_model_dir, write_jsonl  # noqa: F401
 from tunelab.train.collate import collate, plan_rows
 from tunelab.train.data import Example
-from tunelab.train.loop import lr_factor
 from tunelab.train.loss import SupervisedLoss, batch_loss
+from tunelab.train.schedule import lr_factor
 
 
 def random_examples(n_list, vocab=97, seed=1):
@@ -109,7 +109,7 @@ def test_plan_rows_first_fit_decreasing():
 
 
 def test_micro_batches_cap_tokens_and_match_across_processes():
-    from tunelab.train.loop import micro_batches
+    from tunelab.train.schedule import micro_batches
 
     exs = [Example([1] * n, [False] + [True] * (n - 1)) for n in (100, 900, 50, 60, 700, 80, 40, 30)]
     idx = list(range(8))

@@ -13,7 +13,7 @@ from test_train_support import tiny_model_dir  # noqa: F401
 from tunelab.config import validate_as
 from tunelab.errors import ConfigError
 from tunelab.train.config import OptimConfig
-from tunelab.train.loop import param_groups
+from tunelab.train.optim import param_groups
 
 
 def named() -> dict[str, torch.nn.Parameter]:
@@ -100,7 +100,7 @@ def test_resume_takes_lr_scale_from_the_config_and_refuses_other_groups(tmp_path
 
 
 def test_weight_ema_follows_its_formula_restores_and_swaps_in():
-    from tunelab.train.loop import WeightEMA
+    from tunelab.train.ema import WeightEMA
 
     p = {"w": torch.nn.Parameter(torch.zeros(3))}
     ema = WeightEMA(p, 0.9)

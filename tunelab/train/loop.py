@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -26,10 +25,12 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
 from tunelab.train.collate import collate
-from tunelab.train.config import OptimConfig, TrainConfig
-from tunelab.train.data import Example
+from tunelab.train.ema import WeightEMA, load_weights, swapped_weights
 from tunelab.train.loss import SupervisedLoss, batch_nll
 from tunelab.train.modeling import trainable_named
+from tunelab.train.optim import build_optimizer
+from tunelab.train.progress import ProgressView
+from tunelab.train.schedule import Plan, lr_factor, make_plan, micro_batches
 from tunelab.train.session import TrainSession
 
 
@@ -39,122 +40,6 @@ from tunelab.train.session import TrainSession
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-
-
-# --------------------------------------------------------------------------------------------------
-# schedule and data order
-# --------------------------------------------------------------------------------------------------
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine/linear decay towards ``min_ratio`` (or constant). ``step`` is 0-based."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
-
-
-@dataclass
-class Plan:
-    n_examples: int
-    batch_size: int
-    steps_per_epoch: int
-    total_steps: int
-    seed: int
-    warmup: int
-
-    def order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n_examples, generator=g).tolist()
-
-    def step_examples(self, step: int) -> list[int]:
-        """Global example indices of optimizer step ``step`` (0-based): a fixed function of seed and step."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        return self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-
-    def key(self) -> dict[str, int]:
-        """What a checkpoint must agree on to be resumed by this plan."""
-        return {"n_examples": self.n_examples, "batch_size": self.batch_size, "total_steps": self.total_steps,
-                "seed": self.seed}
-
-
-def make_plan(cfg: TrainConfig, n_examples: int) -> Plan:
-    t, o = cfg.train, cfg.optim
-    spe = n_examples // t.batch_size
-    total = t.max_steps or max(1, math.ceil(t.epochs * spe))
-    warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_ratio * total))
-    return Plan(n_examples, t.batch_size, spe, total, t.seed, min(warmup, total))
-
-
-def _split(lengths: list[int], micro: int, max_tokens: int | None) -> list[int]:
-    """Chunk sizes: consecutive examples while at most ``micro`` of them and ``max_tokens`` tokens."""
-    sizes, n, tok = [], 0, 0
-    for ln in lengths:
-        if n and (n == micro or (max_tokens is not None and tok + ln > max_tokens)):
-            sizes.append(n)
-            n, tok = 0, 0
-        n += 1
-        tok += ln
-    if n:
-        sizes.append(n)
-    return sizes
-
-
-def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int,
-                  max_tokens: int | None = None) -> list[list[Example]]:
-    """This process's share of a step (every ``world``-th example), as micro-batches of at most ``micro``
-    examples and ``max_tokens`` tokens. Every process gets the same number of micro-batches (DDP syncs
-    gradients on the last one), so a process with fewer splits its largest ones further."""
-    shares = [[len(examples[i]) for i in idx[r::world]] for r in range(world)]
-    plans = [_split(s, micro, max_tokens) for s in shares]
-    want = max(len(p) for p in plans)
-    sizes = plans[rank]
-    while len(sizes) < want:  # split the largest chunk (want <= examples per process, so this ends)
-        j = max(range(len(sizes)), key=lambda k: sizes[k])
-        sizes[j:j + 1] = [sizes[j] - sizes[j] // 2, sizes[j] // 2]
-    mine = idx[rank::world]
-    out, s = [], 0
-    for n in sizes:
-        out.append([examples[i] for i in mine[s:s + n]])
-        s += n
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# progress
-# --------------------------------------------------------------------------------------------------
-class ProgressView:
-    """A rich progress bar with loss, lr and tok/s on a terminal; plain log lines elsewhere (CI, subprocess)."""
-
-    def __init__(self, total: int, start: int, console, enabled: bool, log: Callable[[str], None], every: int):
-        self.total, self.enabled, self.log, self.every = total, enabled, log, every
-        self.bar = None
-        if enabled and console is not None and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-                TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
-            self.bar.start()
-
-    def update(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                            tps=f"{row['tok_s']:.0f}")
-        elif row["step"] % self.every == 0 or row["step"] == self.total:
-            gn = f"  grad-norm {row['grad_norm']:.3f}" if row["grad_norm"] is not None else ""
-            self.log(f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.2e}{gn}  "
-                     f"{row['tok_s']:.0f} tok/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,70 +66,6 @@ class FitResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-class WeightEMA:
-    """An exponential moving average of the trained weights (Polyak averaging), updated after every optimizer step:
-    ``avg = d * avg + (1 - d) * w`` with ``d = min(decay, (1 + n) / (10 + n))`` after the n-th update, so that the
-    first steps do not keep the average near the initial weights for long. Kept in fp32 beside the parameters;
-    checkpointed with them (as ``ema::NAME`` tensors), so a resumed run averages exactly as an uninterrupted one.
-    Hand-written rather than ``torch.optim.swa_utils.AveragedModel``: that one deep-copies the whole module, the
-    frozen base of a LoRA run included (a second model in memory for an average of 20% of its size)."""
-
-    PREFIX = "ema::"
-
-    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.named = named
-        self.avg = {n: p.detach().float().clone() for n, p in named.items()}
-
-    @torch.no_grad()
-    def update(self) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(list(self.avg.values()), [p.detach().float() for p in self.named.values()], 1 - d)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {self.PREFIX + n: t for n, t in self.avg.items()}
-
-    def load(self, tensors: dict[str, torch.Tensor], updates: int) -> bool:
-        """Restore from a checkpoint's tensors; False (left as is) when the checkpoint has no average."""
-        if not all(self.PREFIX + n in tensors for n in self.avg):
-            return False
-        load_weights(self.avg, {n: tensors[self.PREFIX + n] for n in self.avg})
-        self.updates = updates
-        return True
-
-    @torch.no_grad()
-    def swap_in(self) -> dict[str, torch.Tensor]:
-        """Put the average into the parameters; returns the last weights (CPU copies)."""
-        last = cpu_copy(self.named)
-        load_weights(self.named, self.avg)
-        return last
-
-
-def cpu_copy(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in named.items()}
-
-
-@torch.no_grad()
-def load_weights(named: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights[name]`` into each tensor of ``named`` (its device and dtype kept)."""
-    for n, p in named.items():
-        p.copy_(weights[n].to(p.device, p.dtype))
-
-
-@contextlib.contextmanager
-def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
-    """Run the body with ``weights`` (by trainable parameter name) in ``model``; the current ones come back after."""
-    named = trainable_named(model)
-    keep = cpu_copy(named)
-    load_weights(named, weights)
-    try:
-        yield model
-    finally:
-        load_weights(named, keep)
-
-
 def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
               artifact: Path) -> Path | None:
     """With ``train.ema_decay`` the run's result (``artifact``: OUT/adapter, OUT/model) is the average; this saves
@@ -256,32 +77,6 @@ def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save
         with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
             save(run, model, target)
     return target
-
-
-def build_optimizer(run: TrainSession, named: dict[str, torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: weight decay on matrices only; ``optim.param_groups`` give the
-    parameters they match (first match wins) their own lr multiplier (``lr_scale``, read by the schedule)."""
-    return torch.optim.AdamW(param_groups(run.cfg.optim, named), lr=run.cfg.optim.lr, betas=run.cfg.optim.betas,
-                             eps=run.cfg.optim.eps)
-
-
-def param_groups(o: OptimConfig, named: dict[str, torch.nn.Parameter]) -> list[dict[str, Any]]:
-    buckets: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
-    for n, p in named.items():
-        k = next((i for i, g in enumerate(o.param_groups) if re.search(g.match, n)), -1)
-        buckets.setdefault((k, p.ndim >= 2), []).append(p)
-    for i, g in enumerate(o.param_groups):
-        if not any(k == i for k, _ in buckets):
-            example = next(iter(named), "")
-            raise ConfigError(f"optim.param_groups[{i}].match {g.match!r} matches no trainable parameter "
-                              f"(names look like {example!r})", where="optim.param_groups")
-    groups = []
-    for (k, matrix), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
-        spec = o.param_groups[k] if k >= 0 else None
-        wd = spec.weight_decay if spec is not None and spec.weight_decay is not None else o.weight_decay
-        groups.append({"params": params, "weight_decay": wd if matrix else 0.0,
-                       "lr_scale": spec.lr_scale if spec is not None else 1.0})
-    return groups
 
 
 def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path,

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from tunelab.train.data import (TrainData, dump_example, end_of_turn_marker, eos_supervised, load_train_data)
-from tunelab.train.loop import FitResult, env_info, make_plan, peak_rss_gb, write_json
+from tunelab.train.loop import FitResult, env_info, peak_rss_gb, write_json
 from tunelab.train.loss import mean_nll
 from tunelab.train.modeling import count_parameters
+from tunelab.train.schedule import make_plan
 from tunelab.train.session import TrainSession
 
 
