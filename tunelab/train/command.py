@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,6 +25,10 @@ def parse_set(items: list[str]) -> dict:
         k, v = it.split("=", 1)
         out[k.strip()] = yaml.safe_load(v)
     return out
+
+
+def stderr_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def train_cmd(
@@ -94,7 +99,6 @@ def train_cmd(
     from tunelab.console import err_console
     from tunelab.errors import ConfigError
     from tunelab.train.config import load_train_config
-    from tunelab.train.loop import stderr_log
     from tunelab.train.recipes import recipe
 
     if config is None and data is None:
@@ -122,7 +126,6 @@ def merge_cmd(
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Tokens compared per probe."),
 ) -> None:
     """Merge a LoRA adapter into its base model (safetensors) and check greedy outputs match the adapter."""
-    from tunelab.train.loop import stderr_log
     from tunelab.train.merge import merge_adapter
 
     res = merge_adapter(adapter, out, model=model, probe_file=probe, max_new_tokens=max_new_tokens, log=stderr_log)

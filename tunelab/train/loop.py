@@ -1,4 +1,5 @@
-"""The shared training loop and the components every recipe uses.
+"""The training loop shared by every recipe: ``fit`` trains a model's trainable parameters on a session's data,
+writes metrics.jsonl and checkpoints, resumes from the latest one (``_resume``) and returns a ``FitResult``.
 
 One optimizer step takes ``batch_size`` examples (over all processes) in a fixed, seeded order, split into
 micro-batches of ``micro_batch_size``; gradients accumulate over them. The loss is the mean over the step's
@@ -12,8 +13,6 @@ import contextlib
 import json
 import math
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +31,8 @@ from tunelab.train.optim import build_optimizer
 from tunelab.train.progress import ProgressView
 from tunelab.train.schedule import Plan, lr_factor, make_plan, micro_batches
 from tunelab.train.session import TrainSession
+from tunelab.train.throughput import peak_rss_gb
 
-
-# --------------------------------------------------------------------------------------------------
-# resources and seeds
-# --------------------------------------------------------------------------------------------------
-def peak_rss_gb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-
-
-# --------------------------------------------------------------------------------------------------
-# the loop
-# --------------------------------------------------------------------------------------------------
 # Seconds to pause after each step (not counted in tok/s): lets the tests kill a run at a known point.
 STEP_SLEEP = float(os.environ.get("TUNELAB_TRAIN_STEP_SLEEP", "0") or 0)
 
@@ -77,6 +65,135 @@ def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save
         with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
             save(run, model, target)
     return target
+
+
+def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None,
+        on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
+    """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history."""
+    cfg, acc = run.cfg, run.accelerator
+    t, o = cfg.train, cfg.optim
+    named = trainable_named(model)
+    if not named:
+        raise TunelabError("the model has no trainable parameters")
+    plan = make_plan(cfg, len(run.data.examples))
+    optimizer = build_optimizer(run, named)
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
+    state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
+        else {}
+    start_step, tokens = state.get("step", 0), state.get("tokens", 0)
+    targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
+    history: list[dict[str, Any]] = state.get("history", [])
+    resumed_from = state.get("step")
+    if run.is_main:
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+
+    pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
+    loss_module = SupervisedLoss(model)
+    loss_module, optimizer = acc.prepare(loss_module, optimizer)
+    loss_module.train()
+    view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
+    try:
+        for step in range(start_step, plan.total_steps):
+            t0 = time.perf_counter()
+            lr = o.lr * lr_factor(step, plan.total_steps, plan.warmup, o.schedule, o.min_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            idx = plan.step_examples(step)
+            step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
+            step_prompt = sum(run.data.examples[i].n_prompt_targets for i in idx) if pw else 0
+            loss_sum, prompt_sum, step_tokens = _accumulate(run, loss_module, idx, step_targets, step_prompt)
+            grad_norm = None
+            if o.clip_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(list(named.values()), o.clip_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            stats = torch.tensor([float(loss_sum), float(step_tokens), float(prompt_sum)], device=run.device)
+            if run.world > 1:
+                stats = acc.reduce(stats, reduction="sum")
+            loss = float(stats[0]) / max(1, step_targets)
+            if not math.isfinite(loss):
+                raise TunelabError(f"the loss is {loss} at step {step + 1}; lower optim.lr or check the data")
+            tokens += int(stats[1])
+            targets_seen += step_targets
+            elapsed += time.perf_counter() - t0
+            row = {"step": step + 1, "epoch": round((step + 1) / max(1, plan.steps_per_epoch), 4),
+                   "loss": round(loss, 6), "lr": lr,
+                   "grad_norm": None if grad_norm is None else round(grad_norm, 5), "tokens": tokens,
+                   "targets": targets_seen, "tok_s": round(tokens / elapsed, 2) if elapsed else 0.0,
+                   "elapsed_s": round(elapsed, 3)}
+            if pw:
+                row["prompt_loss"] = round(float(stats[2]) / max(1, step_prompt), 6)
+            history.append(row)
+            if run.is_main:
+                with metrics_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            view.update(row)
+            if STEP_SLEEP:
+                time.sleep(STEP_SLEEP)
+            every = cfg.checkpoint.every_steps
+            if every and (step + 1) % every == 0 and step + 1 < plan.total_steps:
+                _save_checkpoint(run, plan, step + 1, named, optimizer, ema, lr,
+                                 {"tokens": tokens, "target_tokens": targets_seen, "train_seconds": elapsed})
+                if on_checkpoint:
+                    on_checkpoint(step + 1)
+    finally:
+        view.close()
+    acc.wait_for_everyone()
+    last = ema.swap_in() if ema is not None else None
+    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last)
+
+
+def _accumulate(run: TrainSession, loss_module: torch.nn.Module, idx: list[int], step_targets: int,
+                step_prompt: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over this process's micro-batches of the step that trains examples ``idx``; the
+    gradients accumulate (DDP syncs them on the last micro-batch). Returns this process's summed answer NLL,
+    summed prompt NLL and number of tokens."""
+    t, acc = run.cfg.train, run.accelerator
+    pw = t.prompt_loss_weight
+    pad_id = run.tokenizer.pad_token_id or 0
+    micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size, t.micro_batch_tokens)
+    loss_sum = torch.zeros((), device=run.device)
+    prompt_sum = torch.zeros((), device=run.device)
+    step_tokens = 0
+    for k, mb in enumerate(micros):
+        batch = collate(mb, packing=t.packing, pack_len=t.pack_len, pad_id=pad_id,
+                        varlen=run.varlen, prompt_targets=pw > 0).to(run.device)
+        sync = k == len(micros) - 1
+        with (contextlib.nullcontext() if sync else acc.no_sync(loss_module)):
+            with run.autocast_ctx():
+                nll = batch_nll(loss_module, batch)
+            s, p = nll[:batch.n_targets].sum(), nll[batch.n_targets:].sum()
+            # DDP averages gradients over processes: scale so the result is the step's token mean
+            # (the answer's; plus prompt_loss_weight x the prompt's).
+            objective = s * (run.world / max(1, step_targets))
+            if step_prompt:
+                objective = objective + p * (pw * run.world / step_prompt)
+            acc.backward(objective)
+        loss_sum += s.detach()
+        prompt_sum += p.detach()
+        step_tokens += batch.n_tokens
+    return loss_sum, prompt_sum, step_tokens
+
+
+def _save_checkpoint(run: TrainSession, plan: Plan, step: int, named: dict[str, torch.nn.Parameter], optimizer,
+                     ema: WeightEMA | None, lr: float, counters: dict[str, Any]) -> None:
+    """A resumable checkpoint after ``step`` steps: the trainable weights (and their average), the optimizer and
+    RNG states, and the counters (``tokens``, ``target_tokens``, ``train_seconds``) that ``_resume`` reads."""
+    weights = {n: p.detach() for n, p in named.items()}
+    if ema is not None:
+        weights.update(ema.tensors())
+    save_checkpoint(run.out, step, weights=weights, optimizer=optimizer,
+                    state={**counters, "ema_updates": ema.updates if ema is not None else None,
+                           "epoch": step // max(1, plan.steps_per_epoch),
+                           "step_in_epoch": step % max(1, plan.steps_per_epoch),
+                           "total_steps": plan.total_steps, "lr": lr, "plan": plan.key()},
+                    keep=run.cfg.checkpoint.keep, rank=run.rank, world=run.world,
+                    barrier=run.accelerator.wait_for_everyone)
 
 
 def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter], optimizer, metrics_path: Path,
@@ -120,146 +237,3 @@ def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter],
     run.log(f"resumed from {ck.name}: step {st['step']}/{plan.total_steps}")
     return {"step": st["step"], "tokens": st["tokens"], "targets": st["target_tokens"],
             "elapsed": st["train_seconds"], "history": history}
-
-
-def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None,
-        on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
-    """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history."""
-    cfg, acc = run.cfg, run.accelerator
-    t, o = cfg.train, cfg.optim
-    named = trainable_named(model)
-    if not named:
-        raise TunelabError("the model has no trainable parameters")
-    plan = make_plan(cfg, len(run.data.examples))
-    optimizer = build_optimizer(run, named)
-    out = run.out
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
-    state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
-        else {}
-    start_step, tokens = state.get("step", 0), state.get("tokens", 0)
-    targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
-    history: list[dict[str, Any]] = state.get("history", [])
-    resumed_from = state.get("step")
-    if run.is_main:
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-
-    pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
-    loss_module = SupervisedLoss(model)
-    loss_module, optimizer = acc.prepare(loss_module, optimizer)
-    loss_module.train()
-    pad_id = run.tokenizer.pad_token_id or 0
-    view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
-    try:
-        for step in range(start_step, plan.total_steps):
-            t0 = time.perf_counter()
-            lr = o.lr * lr_factor(step, plan.total_steps, plan.warmup, o.schedule, o.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            idx = plan.step_examples(step)
-            step_targets = sum(run.data.examples[i].n_targets for i in idx)       # over all processes
-            step_prompt = sum(run.data.examples[i].n_prompt_targets for i in idx) if pw else 0
-            micros = micro_batches(run.data.examples, idx, run.rank, run.world, t.micro_batch_size,
-                                   t.micro_batch_tokens)
-            loss_sum = torch.zeros((), device=run.device)
-            prompt_sum = torch.zeros((), device=run.device)
-            step_tokens = 0
-            for k, mb in enumerate(micros):
-                batch = collate(mb, packing=t.packing, pack_len=t.pack_len, pad_id=pad_id,
-                                varlen=run.varlen, prompt_targets=pw > 0).to(run.device)
-                sync = k == len(micros) - 1
-                with (contextlib.nullcontext() if sync else acc.no_sync(loss_module)):
-                    with run.autocast_ctx():
-                        nll = batch_nll(loss_module, batch)
-                    s, p = nll[:batch.n_targets].sum(), nll[batch.n_targets:].sum()
-                    # DDP averages gradients over processes: scale so the result is the step's token mean
-                    # (the answer's; plus prompt_loss_weight x the prompt's).
-                    objective = s * (run.world / max(1, step_targets))
-                    if step_prompt:
-                        objective = objective + p * (pw * run.world / step_prompt)
-                    acc.backward(objective)
-                loss_sum += s.detach()
-                prompt_sum += p.detach()
-                step_tokens += batch.n_tokens
-            grad_norm = None
-            if o.clip_grad_norm is not None:
-                grad_norm = float(acc.clip_grad_norm_(list(named.values()), o.clip_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update()
-            stats = torch.tensor([float(loss_sum), float(step_tokens), float(prompt_sum)], device=run.device)
-            if run.world > 1:
-                stats = acc.reduce(stats, reduction="sum")
-            loss = float(stats[0]) / max(1, step_targets)
-            if not math.isfinite(loss):
-                raise TunelabError(f"the loss is {loss} at step {step + 1}; lower optim.lr or check the data")
-            tokens += int(stats[1])
-            targets_seen += step_targets
-            elapsed += time.perf_counter() - t0
-            row = {"step": step + 1, "epoch": round((step + 1) / max(1, plan.steps_per_epoch), 4),
-                   "loss": round(loss, 6), "lr": lr,
-                   "grad_norm": None if grad_norm is None else round(grad_norm, 5), "tokens": tokens,
-                   "targets": targets_seen, "tok_s": round(tokens / elapsed, 2) if elapsed else 0.0,
-                   "elapsed_s": round(elapsed, 3)}
-            if pw:
-                row["prompt_loss"] = round(float(stats[2]) / max(1, step_prompt), 6)
-            history.append(row)
-            if run.is_main:
-                with metrics_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-            view.update(row)
-            if STEP_SLEEP:
-                time.sleep(STEP_SLEEP)
-            every = cfg.checkpoint.every_steps
-            if every and (step + 1) % every == 0 and step + 1 < plan.total_steps:
-                weights = {n: p.detach() for n, p in named.items()}
-                if ema is not None:
-                    weights.update(ema.tensors())
-                save_checkpoint(out, step + 1, weights=weights, optimizer=optimizer,
-                                state={"tokens": tokens, "target_tokens": targets_seen, "train_seconds": elapsed,
-                                       "ema_updates": ema.updates if ema is not None else None,
-                                       "epoch": (step + 1) // max(1, plan.steps_per_epoch),
-                                       "step_in_epoch": (step + 1) % max(1, plan.steps_per_epoch),
-                                       "total_steps": plan.total_steps, "lr": lr, "plan": plan.key()},
-                                keep=cfg.checkpoint.keep, rank=run.rank, world=run.world,
-                                barrier=acc.wait_for_everyone)
-                if on_checkpoint:
-                    on_checkpoint(step + 1)
-    finally:
-        view.close()
-    acc.wait_for_everyone()
-    last = ema.swap_in() if ema is not None else None
-    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last)
-
-
-# --------------------------------------------------------------------------------------------------
-# files and logs
-# --------------------------------------------------------------------------------------------------
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def env_info() -> dict[str, Any]:
-    import platform
-
-    import transformers
-
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return info
-
-
-def stderr_log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from typing import Any
 
 import torch
 
+from tunelab.train.artifacts import write_json
 from tunelab.train.data import (TrainData, dump_example, end_of_turn_marker, eos_supervised, load_train_data)
-from tunelab.train.loop import FitResult, env_info, peak_rss_gb, write_json
+from tunelab.train.loop import FitResult
 from tunelab.train.loss import mean_nll
 from tunelab.train.modeling import count_parameters
 from tunelab.train.schedule import make_plan
 from tunelab.train.session import TrainSession
+from tunelab.train.throughput import peak_rss_gb
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +297,24 @@ def flops_per_token(model_config: Any, method: str, mean_row_len: float, target_
 # --------------------------------------------------------------------------------------------------
 # the end of a run
 # --------------------------------------------------------------------------------------------------
+def env_info() -> dict[str, Any]:
+    """The software and machine of the run (report.json's ``environment``)."""
+    import platform
+
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
 def finish(run: TrainSession, result: FitResult, params: dict[str, Any], probe: ForgettingProbe, *,
            artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
