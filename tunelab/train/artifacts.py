@@ -1,11 +1,90 @@
-"""Files a run leaves besides its checkpoints: JSON written atomically (``write_json``)."""
+"""What a run leaves besides checkpoints and the report: the trained artifact (``save_adapter``: a PEFT adapter
+directory; ``save_model``: a complete HF model directory; ``save_last``: with a weight average, the last weights
+beside it), the files that make it self-describing (the chat template and PromptSpec used,
+``tunelab_train.json``), and JSON written atomically (``write_json``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+import torch
+
+from tunelab.train.ema import swapped_weights
+from tunelab.train.loop import FitResult
+from tunelab.train.session import TrainSession
+
+
+def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:
+    """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training."""
+    target = target or run.out / "adapter"
+    target.mkdir(parents=True, exist_ok=True)
+    unwrapped = run.accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(str(target), safe_serialization=True)
+    write_inference_files(run, target)
+    return target
+
+
+def save_model(run: TrainSession, model, target: Path | None = None) -> Path:
+    """A complete HF model directory that `tunelab eval --model DIR` and every HF tool load."""
+    target = target or run.out / "model"
+    target.mkdir(parents=True, exist_ok=True)
+    unwrapped = run.accelerator.unwrap_model(model)
+    unwrapped.config.use_cache = True
+    unwrapped.save_pretrained(str(target), safe_serialization=True)
+    run.tokenizer.save_pretrained(str(target))
+    write_inference_files(run, target)
+    return target
+
+
+def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
+              artifact: Path) -> Path | None:
+    """With ``train.ema_decay`` the run's result (``artifact``: OUT/adapter, OUT/model) is the average; this saves
+    the last weights beside it (OUT/adapter-last, OUT/model-last) with the same ``save``."""
+    if result.last_weights is None:
+        return None
+    target = artifact.with_name(artifact.name + "-last")
+    if run.is_main:
+        with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
+            save(run, model, target)
+    return target
+
+
+def write_inference_files(run: TrainSession, target: Path) -> None:
+    """The exact chat template and PromptSpec used, so eval and serve render the same tokens as training."""
+    tmpl = getattr(run.tokenizer, "chat_template", None)
+    if isinstance(tmpl, str):
+        (target / "chat_template.jinja").write_text(tmpl, encoding="utf-8")
+    meta: dict[str, Any] = {"method": run.cfg.method, "base_model": run.cfg.model or "bundled",
+                            "base_model_path": str(run.model_path), "data": str(run.data.path),
+                            "format": run.data.format}
+    if run.cfg.data.prompt:
+        write_prompt_spec(run.cfg.data.prompt, run.data.spec, target / "prompt_spec.yaml")
+        spec = run.data.spec
+        if spec is not None and hasattr(spec, "content_hash"):
+            meta["prompt_spec_hash"] = spec.content_hash()
+        meta["prompt_spec_source"] = run.cfg.data.prompt
+    meta["config"] = run.cfg.model_dump(mode="json")
+    write_json(target / "tunelab_train.json", meta)
+
+
+def write_prompt_spec(source: str, spec: Any, target: Path) -> None:
+    """The spec as trained: the file itself, or (few-shot examples drawn from a file) a self-contained copy
+    with the examples inline, so the adapter directory does not depend on paths next to the original."""
+    examples = getattr(spec, "examples", None)
+    if spec is None or isinstance(examples, list) or not hasattr(spec, "resolve_examples"):
+        shutil.copyfile(source, target)
+        return
+    import yaml
+
+    data = spec.model_dump(mode="json", exclude_none=True)
+    data["examples"] = [e.model_dump(mode="json", exclude_none=True) for e in spec.resolve_examples()]
+    target.write_text(f"# {Path(source).name} as trained (few-shot examples resolved inline)\n"
+                      + yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
 def write_json(path: Path, obj: Any) -> None:

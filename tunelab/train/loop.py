@@ -24,7 +24,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
 from tunelab.train.collate import collate
-from tunelab.train.ema import WeightEMA, load_weights, swapped_weights
+from tunelab.train.ema import WeightEMA, load_weights
 from tunelab.train.loss import SupervisedLoss, batch_nll
 from tunelab.train.modeling import trainable_named
 from tunelab.train.optim import build_optimizer
@@ -52,19 +52,6 @@ class FitResult:
     @property
     def tok_s(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
-
-
-def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
-              artifact: Path) -> Path | None:
-    """With ``train.ema_decay`` the run's result (``artifact``: OUT/adapter, OUT/model) is the average; this saves
-    the last weights beside it (OUT/adapter-last, OUT/model-last) with the same ``save``."""
-    if result.last_weights is None:
-        return None
-    target = artifact.with_name(artifact.name + "-last")
-    if run.is_main:
-        with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
-            save(run, model, target)
-    return target
 
 
 def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None,

@@ -9,16 +9,17 @@ Run: ``tunelab train --method lora --prompt SPEC.yaml --data FILE.jsonl --out DI
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tunelab.errors import ModelError
-from tunelab.train import report
+from tunelab.train.artifacts import save_adapter, save_last
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
-from tunelab.train.loop import fit, save_last
-from tunelab.train.modeling import load_base_model
+from tunelab.train.forgetting import ForgettingProbe
+from tunelab.train.loop import fit
+from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
+from tunelab.train.preview import dry_run_summary, show_preview
+from tunelab.train.report import finish
 from tunelab.train.session import TrainSession, start_session
 
 
@@ -59,27 +60,17 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.n
         raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
 
 
-def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:
-    """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training."""
-    target = target or run.out / "adapter"
-    target.mkdir(parents=True, exist_ok=True)
-    unwrapped = run.accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(str(target), safe_serialization=True)
-    report.write_inference_files(run, target)
-    return target
-
-
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
     cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
     r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
-    report.show_preview(r)
+    show_preview(r)
     if dry_run:
-        return report.dry_run_summary(r)
+        return dry_run_summary(r)
     model = load_base_model(r)
-    probe = report.ForgettingProbe.create(r)
+    probe = ForgettingProbe.create(r)
     probe.measure_before(r, model)
     model = attach_lora(model, cfg.lora, r)
-    params = report.parameter_summary(model)
+    params = count_parameters(model)
     if cfg.lora.init_adapter:
         r.log(f"LoRA initialised from {cfg.lora.init_adapter}")
     r.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: "
@@ -89,4 +80,4 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=pr
     last = save_last(r, model, result, save_adapter, artifact)
     probe.measure_after(r, model)
     del model
-    return report.finish(r, result, params, probe, artifact=artifact, kind="adapter", last=last)
+    return finish(r, result, params, probe, artifact=artifact, kind="adapter", last=last)
