@@ -209,13 +209,12 @@ def train_config(name: str, spec: dict, args) -> dict:
 
 
 def run_one(name: str, spec: dict, args) -> dict:
-    import importlib
-
     from tunelab.config import validate_as
     from tunelab.train.config import TrainConfig
+    from tunelab.train.recipes import recipe
 
     cfg = validate_as(TrainConfig, train_config(name, spec, args), f"<recipe {name}>")
-    module = importlib.import_module(f"tunelab.train.{spec['method']}")
+    module = recipe(spec["method"])
     t0 = time.perf_counter()
     resume = args.resume and any((Path(cfg.out) / "checkpoints").glob("*"))
     rep = module.run(cfg, resume=resume, log=lambda m: print(f"  [{name}] {m}", flush=True))
