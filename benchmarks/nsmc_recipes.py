@@ -219,28 +219,28 @@ def run_one(name: str, spec: dict, args) -> dict:
     resume = args.resume and any((Path(cfg.out) / "checkpoints").glob("*"))
     rep = module.run(cfg, resume=resume, log=lambda m: print(f"  [{name}] {m}", flush=True))
     wall = time.perf_counter() - t0
-    if spec["method"] == "pretrain":  # raw text, no labels: no accuracy (its loss is in loss_last10)
-        ev = {"n": 0, "before": None, "after": None, "after_ci": [None, None]}
-    else:
-        ev = rep["eval"]["variants"]["trained"]
+    cell = lambda x: None if x is None else round(x, 4)  # noqa: E731
+    ci = lambda iv: [cell(iv.low), cell(iv.high)] if iv is not None else [None, None]  # noqa: E731
+    ev = None if spec["method"] == "pretrain" else rep.eval.variants["trained"]  # pretrain: no labels (loss only)
     return {"recipe": name, "method": spec["method"], "lr": spec["lr"], "epochs": spec["epochs"], "r": spec["r"],
             "batch": spec["batch"], "prompt_w": spec["prompt_w"], "train": Path(cfg.data.path).name,
             "dev": spec["task"]["dev"] and Path(spec["task"]["dev"]).name,
-            "seed": cfg.train.seed, "base": spec["base"], "examples": rep["data"]["examples"],
-            "train_tokens": rep["tokens"], "train_s": rep["train_seconds"], "wall_s": round(wall, 1),
-            "tok_s": rep["tok_s"], "peak_rss_gb": rep["peak_rss_gb"], "device": rep["device"],
-            "cuda": rep["environment"].get("cuda"), "n_dev": ev["n"], "before": ev["before"],
-            "after": ev["after"], "after_ci": ev["after_ci"], "diff": ev.get("diff"), "diff_ci": ev.get("diff_ci"),
-            "p": ev.get("mcnemar_p"), "loss_last10": rep["loss"]["last10_mean"], **ema_fields(rep)}
+            "seed": cfg.train.seed, "base": spec["base"], "examples": rep.data.examples,
+            "train_tokens": rep.tokens, "train_s": rep.train_seconds, "wall_s": round(wall, 1),
+            "tok_s": rep.tok_s, "peak_rss_gb": rep.peak_rss_gb, "device": rep.device,
+            "cuda": rep.environment.get("cuda"), "n_dev": ev.n if ev else 0, "before": cell(ev.a.value) if ev else None,
+            "after": cell(ev.b.value) if ev else None, "after_ci": ci(ev.b if ev else None),
+            "diff": cell(ev.diff.value) if ev else None, "diff_ci": ci(ev.diff if ev else None),
+            "p": ev.p_value if ev else None, "loss_last10": rep.loss.last10_mean, **ema_fields(rep)}
 
 
-def ema_fields(rep: dict) -> dict:
+def ema_fields(rep) -> dict:
     """With train.ema_decay: the last weights' accuracy and the average's paired difference from it."""
-    c = ((rep.get("eval") or {}).get("ema") or {}).get("trained")
+    c = (rep.eval.ema or {}).get("trained") if rep.eval is not None else None
     if not c:
         return {}
-    return {"ema_decay": rep["ema_decay"], "last": c["before"], "last_ci": c["before_ci"], "ema_diff": c["diff"],
-            "ema_diff_ci": c["diff_ci"], "ema_p": c["mcnemar_p"]}
+    return {"ema_decay": rep.ema_decay, "last": c.a.value, "last_ci": [c.a.low, c.a.high],
+            "ema_diff": c.diff.value, "ema_diff_ci": [c.diff.low, c.diff.high], "ema_p": c.p_value}
 
 
 def main() -> None:

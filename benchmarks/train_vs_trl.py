@@ -62,9 +62,9 @@ def run_tunelab(args) -> dict:
                   "activation_checkpointing": args.activation_checkpointing},
     })
     rep = lora.run(cfg, log=lambda s: None)
-    return {"trainer": "tunelab", "tokens": rep["tokens"], "train_s": rep["train_seconds"],
-            "tok_s": rep["tok_s"], "peak_rss_gb": peak_rss_gb(), "steps": rep["steps"],
-            "loss_first": rep["loss"]["first"], "loss_last": rep["loss"]["last"]}
+    return {"trainer": "tunelab", "tokens": rep.tokens, "train_s": rep.train_seconds, "tok_s": rep.tok_s,
+            "peak_rss_gb": peak_rss_gb(), "steps": rep.steps, "loss_first": rep.loss.first,
+            "loss_last": rep.loss.last}
 
 
 def run_trl(args) -> dict:

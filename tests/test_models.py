@@ -95,3 +95,23 @@ def test_openai_backend_hides_key(monkeypatch):
     m = load_model("openai:gpt-4o-mini", cache=False)
     assert "SECRET123" not in repr(m) and "SECRET123" not in m.identity
     assert m.cost(1_000_000, 0) == pytest.approx(0.15)
+
+
+def test_directory_identity_follows_the_content(tmp_path):
+    """The call cache keys a local model by its directory's identity: two adapters of the same shape written in the
+    same second must not share one (they did when only names, sizes and whole-second mtimes counted), and a copy
+    of the same files is the same model."""
+    import os
+
+    from tunelab.models.local import _dir_identity
+
+    dirs = [tmp_path / n for n in ("adapter", "adapter-last", "copy")]
+    contents = [b"\x01" * 64, b"\x02" * 64, b"\x01" * 64]
+    for d, c in zip(dirs, contents):
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(c)
+        (d / "adapter_config.json").write_text('{"r": 4}')
+        for f in d.iterdir():
+            os.utime(f, (1_700_000_000, 1_700_000_000))  # the same second for every file
+    a, last, copy = (_dir_identity(d) for d in dirs)
+    assert a != last and a == copy

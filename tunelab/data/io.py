@@ -11,6 +11,25 @@ from typing import Any, Iterable, Iterator
 from tunelab.errors import DataError
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, hex (memoised per process by path, size and mtime in nanoseconds)."""
+    import hashlib
+
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
     """Read a JSON Lines file of objects. Blank lines are skipped; a bad line raises DataError(path:line)."""
     p = Path(path)

@@ -10,10 +10,11 @@ from typing import Callable
 
 import torch
 
+from tunelab.data.io import file_digest
 from tunelab.errors import ModelError
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
-from tunelab.models.scoring import PrefixScorer, autocast_context  # noqa: F401 (train's loop imports it from here)
+from tunelab.models.scoring import PrefixScorer, autocast_context
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -36,13 +37,21 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+HASHED_FILE_BYTES = 256 * 2**20  # files up to this size are identified by their content (adapters, configs)
+
+
 def _dir_identity(path: Path) -> str:
-    """A cheap, stable identity of a model/adapter directory: names, sizes and mtimes of its files."""
+    """A stable identity of a model/adapter directory for the call cache: the names of its files and, for each, its
+    content hash (up to HASHED_FILE_BYTES; larger weight files by size and modification time in nanoseconds, so a
+    multi-GB base model is not read at every load). Two adapters of the same shape written in the same second are
+    two identities (names, sizes and whole-second mtimes alone made them one, and the cache answered one with the
+    other's answers)."""
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")):
         if f.is_file():
             st = f.stat()
-            h.update(f"{f.relative_to(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
+            what = file_digest(f) if st.st_size <= HASHED_FILE_BYTES else f"{st.st_size}:{st.st_mtime_ns}"
+            h.update(f"{f.relative_to(path)}:{what}".encode())
     return h.hexdigest()[:16]
 
 

@@ -379,6 +379,7 @@ class TrainStage:
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.train.checkpoint import latest_checkpoint
+        from tunelab.train.results import TrainReport
         from tunelab.train.recipes import recipe
 
         resume = resume and latest_checkpoint(d) is not None
@@ -395,20 +396,17 @@ class TrainStage:
         release_models()
         rep = recipe(cfg.method).run(cfg, resume=resume, log=ctx.log, console=ctx.console)
         release_models()
-        artifact = Path(rep["artifact"])
+        assert isinstance(rep, TrainReport)
+        artifact = Path(rep.artifact)
         weights = sorted(artifact.glob("*.safetensors"))
         out_hash = stable_hash([file_sha(w) for w in weights]) if weights else dir_sha(artifact)
-        loss = rep.get("loss") or {}
         return Outcome(out_hash, TrainStageResult(
-            method=cfg.method, artifact=str(artifact), kind=rep.get("artifact_kind"), prompt=ref.name,
-            prompt_hash=ref.hash, data=cfg.data.path, examples=(rep.get("data") or {}).get("examples"),
-            steps=rep.get("steps"), resumed_from=rep.get("resumed_from"), tokens=rep.get("tokens") or 0,
-            train_seconds=rep.get("train_seconds"), tok_s=rep.get("tok_s"), peak_rss_gb=rep.get("peak_rss_gb"),
-            trainable=(rep.get("parameters") or {}).get("trainable"),
-            total_params=(rep.get("parameters") or {}).get("total"), loss_first=loss.get("first"),
-            loss_last=loss.get("last"), lr=cfg.optim.lr, epochs=cfg.train.epochs,
-            lora_r=cfg.lora.r if cfg.method == "lora" else None, forgetting=rep.get("forgetting")),
-            tokens=int(rep.get("tokens") or 0))
+            method=cfg.method, artifact=str(artifact), kind=rep.artifact_kind, prompt=ref.name, prompt_hash=ref.hash,
+            data=cfg.data.path, examples=rep.data.examples, steps=rep.steps, resumed_from=rep.resumed_from,
+            tokens=rep.tokens, train_seconds=rep.train_seconds, tok_s=rep.tok_s, peak_rss_gb=rep.peak_rss_gb,
+            trainable=rep.parameters.trainable, total_params=rep.parameters.total, loss_first=rep.loss.first,
+            loss_last=rep.loss.last, lr=cfg.optim.lr, epochs=cfg.train.epochs,
+            lora_r=cfg.lora.r if cfg.method == "lora" else None, forgetting=rep.forgetting), tokens=rep.tokens)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-_FILE_SHA: dict[tuple[str, int, int], str] = {}
-
+from tunelab.data.io import file_digest
 
 def stable_hash(obj: Any, n: int = 16) -> str:
     data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
@@ -22,17 +21,8 @@ def stable_hash(obj: Any, n: int = 16) -> str:
 
 
 def file_sha(path: str | os.PathLike, n: int = 16) -> str:
-    """sha256 of a file's bytes (memoised per process by path, size and mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_SHA:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _FILE_SHA[key] = h.hexdigest()
-    return _FILE_SHA[key][:n]
+    """sha256 of a file's bytes, the first ``n`` hex digits (memoised: tunelab.data.io.file_digest)."""
+    return file_digest(path)[:n]
 
 
 def dir_sha(path: str | os.PathLike, pattern: str = "*") -> str:

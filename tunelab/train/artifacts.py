@@ -1,19 +1,18 @@
 """What a run leaves besides checkpoints and the report: the trained artifact (``save_adapter``: a PEFT adapter
 directory; ``save_model``: a complete HF model directory; ``save_last``: with a weight average, the last weights
 beside it), the files that make it self-describing (the chat template and PromptSpec used,
-``tunelab_train.json``), and JSON written atomically (``write_json``).
+``tunelab_train.json``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from tunelab.results import write_json
 from tunelab.train.ema import swapped_weights
 from tunelab.train.loop import FitResult
 from tunelab.train.session import TrainSession
@@ -87,8 +86,3 @@ def write_prompt_spec(source: str, spec: Any, target: Path) -> None:
                       + yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)

@@ -112,10 +112,8 @@ def train_cmd(
     cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
-    if dry_run and result:
-        import json
-
-        print(json.dumps(result, ensure_ascii=False, indent=1, default=str))
+    if dry_run and result is not None:
+        print(result.model_dump_json(indent=1))
 
 
 def merge_cmd(

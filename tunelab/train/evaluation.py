@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
+from tunelab.train.results import BeforeAfter
 from tunelab.train.session import TrainSession
 
 
-def before_after_eval(run: TrainSession, artifact: Path, kind: str, last: Path | None = None) -> dict[str, Any] | None:
+def before_after_eval(run: TrainSession, artifact: Path, kind: str, last: Path | None = None) -> BeforeAfter | None:
     """Run the same eval config on the base model and on the trained one (one EvalRunner, two models). With a
     weight average (``train.ema_decay``) the last weights (``last``) are a third model, compared with the average
     on the same items (``out["ema"]``: before = last weights, after = average)."""
@@ -44,18 +43,14 @@ def before_after_eval(run: TrainSession, artifact: Path, kind: str, last: Path |
     summary, rows = runner.run()
     summary.write(run.out / "eval" / "summary.json")
     release_models()
-    out: dict[str, Any] = {"config": e.config or e.data, "items": summary.n_items,
-                           "metric": summary.metric, "wall_s": round(time.perf_counter() - t0, 1),
-                           "variants": {}}
-    if last is not None:
-        out["ema"] = {}
+    out = BeforeAfter(config=e.config or e.data, items=summary.n_items, metric=summary.metric,
+                      wall_s=round(time.perf_counter() - t0, 1), ema={} if last is not None else None)
     for variant in sorted({r.variant for r in rows}):
         by = {m.name: {r.item_id: bool(r.correct) for r in rows
                        if r.variant == variant and r.model == m.name and r.sample == 0 and r.correct is not None}
               for m in models}
-        out["variants"][variant] = paired_comparison(by["before"], by["after"], confidence=cfg.confidence,
-                                                     seed=cfg.seed).model_dump(mode="json")
-        if last is not None:
-            out["ema"][variant] = paired_comparison(by["last"], by["after"], confidence=cfg.confidence,
-                                                seed=cfg.seed).model_dump(mode="json")
+        out.variants[variant] = paired_comparison(by["before"], by["after"], confidence=cfg.confidence,
+                                                  seed=cfg.seed)
+        if out.ema is not None:
+            out.ema[variant] = paired_comparison(by["last"], by["after"], confidence=cfg.confidence, seed=cfg.seed)
     return out

@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tunelab.train.artifacts import write_json
+from tunelab.results import write_json
+from tunelab.train.results import ForgettingResult
 from tunelab.train.data import TrainData, load_train_data
 from tunelab.train.loss import mean_nll
 from tunelab.train.session import TrainSession
@@ -56,13 +57,13 @@ class ForgettingProbe:
         run.log(f"forgetting probe after: perplexity {math.exp(self.after):.3f} "
                 f"(before {math.exp(self.before):.3f})")
 
-    def as_dict(self) -> dict[str, Any] | None:
+    def result(self) -> ForgettingResult | None:
         if self.data is None or self.before is None:
             return None
-        d = {"data": str(self.data.path), "examples": len(self.data.examples),
-             "target_tokens": self.data.stats.target_tokens, "nll_before": round(self.before, 5),
-             "perplexity_before": round(math.exp(self.before), 4)}
+        r = ForgettingResult(data=str(self.data.path), examples=len(self.data.examples),
+                             target_tokens=self.data.stats.target_tokens, nll_before=round(self.before, 5),
+                             perplexity_before=round(math.exp(self.before), 4))
         if self.after is not None:
-            d.update(nll_after=round(self.after, 5), perplexity_after=round(math.exp(self.after), 4),
-                     perplexity_change_pct=round((math.exp(self.after - self.before) - 1) * 100, 2))
-        return d
+            r.nll_after, r.perplexity_after = round(self.after, 5), round(math.exp(self.after), 4)
+            r.perplexity_change_pct = round((math.exp(self.after - self.before) - 1) * 100, 2)
+        return r

@@ -17,10 +17,13 @@ from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.preview import dry_run_summary, show_preview
 from tunelab.train.report import finish
+from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import start_session
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print,
+        console=None) -> TrainReport | TrainDryRun | None:
+    """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
     r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
     show_preview(r)
     if dry_run:

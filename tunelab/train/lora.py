@@ -20,6 +20,7 @@ from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
 from tunelab.train.preview import dry_run_summary, show_preview
 from tunelab.train.report import finish
+from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import TrainSession, start_session
 
 
@@ -60,7 +61,9 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.n
         raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print, console=None) -> dict:
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print,
+        console=None) -> TrainReport | TrainDryRun | None:
+    """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
     cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
     r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
     show_preview(r)

@@ -11,6 +11,7 @@ from typing import Any
 
 from tunelab.train.data import dump_example, end_of_turn_marker, eos_supervised
 from tunelab.train.schedule import make_plan
+from tunelab.train.results import TrainDryRun
 from tunelab.train.session import TrainSession
 
 
@@ -84,10 +85,11 @@ def show_preview(run: TrainSession) -> dict[str, Any]:
     return info
 
 
-def dry_run_summary(run: TrainSession) -> dict[str, Any]:
+def dry_run_summary(run: TrainSession) -> TrainDryRun:
     plan = make_plan(run.cfg, len(run.data.examples))
-    out = {"dry_run": True, "method": run.cfg.method, "model": str(run.model_path), "data": run.data.stats.as_dict(),
-           "format": run.data.format, "steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
-           "warmup_steps": plan.warmup, "first_example": json.loads(dump_example(run.data.examples[0], run.tokenizer))}
+    out = TrainDryRun(method=run.cfg.method, model=str(run.model_path), data=run.data.stats.as_dict(),
+                      format=run.data.format, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+                      warmup_steps=plan.warmup,
+                      first_example=json.loads(dump_example(run.data.examples[0], run.tokenizer)))
     run.log("dry run: nothing was trained")
     return out
