@@ -314,3 +314,36 @@ def test_bundled_model_smoke(tmp_path):
     msgs = chat_rows(1)[0]["messages"][:-1]
     scores = m.score_choices([msgs], ["Positive", "Negative"])
     assert len(scores[0].logprobs) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not installed (apt-get install -y chromium) - headless rendering not checked")
+def test_train_page_is_self_contained_and_renders_in_headless_chromium(tmp_path, tiny_model_dir):
+    """The train page (report.html) from a real run: read back through TrainReport, the before/after and
+    weight-average tables there, nothing external, and headless Chromium draws it."""
+    import re
+
+    from tunelab.train.results import TrainReport
+
+    items = write_jsonl(tmp_path / "items.jsonl", reviews(16))
+    out = tmp_path / "run"
+    p = run_train("--model", str(tiny_model_dir), "--prompt", str(ROOT / "examples/train/sentiment_binary_short.yaml"),
+                  "--data", str(items), "--out", str(out), "--batch-size", "4", "--micro-batch-size", "4",
+                  "--lora-r", "4", "--max-steps", "2", "--ema-decay", "0.5", "--eval-data", str(items),
+                  "--eval-limit", "8")
+    assert p.returncode == 0, p.stderr
+    rep = TrainReport.read(out / "report.json")
+    assert rep.version == 2 and rep.eval.variants["trained"].n == 8 and rep.history[-1].step == 2
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html.lower()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", html)
+    for section in ('id="verdict"', 'id="run"', 'id="data"', 'id="chart-loss"', 'id="before-after"',
+                    'id="weight-average"', 'id="cost"'):
+        assert section in html, section
+    png = tmp_path / "train.png"
+    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--screenshot={png}", "--window-size=1200,2000", (out / "report.html").resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert png.is_file(), proc.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
