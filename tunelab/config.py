@@ -181,7 +181,7 @@ def load_config(model: type[M], path: str | Path) -> M:
 # --------------------------------------------------------------------------------------------------
 # eval
 # --------------------------------------------------------------------------------------------------
-class DataConfig(StrictModel):
+class EvalDataConfig(StrictModel):
     path: str = Field(description="JSONL or CSV file, relative to the config file")
     limit: int | None = Field(None, ge=1, description="use only the first N items")
     id_field: str | None = Field(None, description="item id field; default: 'id' if present, else the row index")
@@ -220,7 +220,7 @@ class GenerationConfig(StrictModel):
 class EvalConfig(StrictModel):
     name: str = "eval"
     description: str | None = None
-    data: DataConfig
+    data: EvalDataConfig
     variants: dict[str, str | dict[str, Any]] = Field(
         description="name -> prompt spec file (relative to this file) or an inline spec")
     models: list[str | ModelConfig] = Field(default_factory=lambda: ["bundled"])

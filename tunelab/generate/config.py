@@ -71,7 +71,7 @@ class BudgetConfig(StrictModel):
     max_cost_usd: float | None = Field(None, ge=0, description="estimated from teacher.price")
 
 
-class DataConfig(StrictModel):
+class InputsConfig(StrictModel):
     path: str = Field(description="JSONL or CSV, relative to the config file")
     limit: int | None = Field(None, ge=1)
     id_field: str | None = Field(None, description="default 'id' if present, else the line number")
@@ -132,7 +132,7 @@ class GenerateConfig(StrictModel):
     description: str | None = None
     pipeline: Pipeline
     prompt: str | None = Field(None, description="PromptSpec YAML (required for label and respond)")
-    data: DataConfig | None = Field(None, description="inputs (required for label and respond)")
+    data: InputsConfig | None = Field(None, description="inputs (required for label and respond)")
     teacher: TeacherConfig
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)

@@ -19,7 +19,7 @@ from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
 from tunelab.train.preview import dry_run_summary, show_preview
-from tunelab.train.report import finish
+from tunelab.train.finish import finish
 from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import TrainSession, start_session
 
