@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
@@ -111,7 +111,3 @@ class Versioned(Result):
     def upgrade(cls, data: dict[str, Any], found: int) -> dict[str, Any]:
         """An older file's dict (schema ``found``) in the current shape; the default knows no older shape."""
         return data
-
-
-def dump_all(items: Iterable[BaseModel]) -> list[dict[str, Any]]:
-    return [x.model_dump(mode="json") for x in items]

@@ -7,7 +7,6 @@ Every file is written whole to a temporary name and renamed, so a crash never le
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Iterable

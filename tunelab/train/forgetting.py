@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from tunelab.results import write_json
 from tunelab.train.results import ForgettingResult
