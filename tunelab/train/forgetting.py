@@ -9,9 +9,9 @@ import math
 from dataclasses import dataclass
 
 from tunelab.results import write_json
-from tunelab.train.results import ForgettingResult
 from tunelab.train.data import TrainData, load_train_data
 from tunelab.train.loss import mean_nll
+from tunelab.train.results import ForgettingResult
 from tunelab.train.session import TrainSession
 
 
