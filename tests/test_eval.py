@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from conftest import EXAMPLES, run_cli
+from helpers import EXAMPLES, read_jsonl
+from helpers.cli import ok, run_cli
 
 pytestmark = pytest.mark.model
 
@@ -14,17 +15,12 @@ def call_cache(tmp_path):
     return {"TUNELAB_CALL_CACHE": str(tmp_path / "calls.sqlite")}
 
 
-def read_rows(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def test_quick_form_label_task_and_cache(tmp_path, call_cache):
     out = tmp_path / "out"
     args = ["eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"),
             "--prompt", str(EXAMPLES / "prompts/sentiment_zeroshot.yaml"),
             "--data", str(EXAMPLES / "data/nsmc_three_dev_300.jsonl"), "--limit", "8", "--out", str(out)]
-    r = run_cli(*args, env=call_cache)
-    assert r.returncode == 0, r.stderr
+    r = ok(run_cli(*args, env=call_cache))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_items"] == 8 and summary["task"] == "label"
     assert [c["variant"] for c in summary["cells"]] == ["sentiment_fewshot", "sentiment_zeroshot"]
@@ -34,7 +30,7 @@ def test_quick_form_label_task_and_cache(tmp_path, call_cache):
         assert c["mode"] == "loglik"
         assert len(c["confusion"]["matrix"]) == 3
     assert sum(1 for c in summary["cells"] if c["comparison"] and c["comparison"]["vs"] is None) == 1
-    rows = read_rows(out / "results.jsonl")
+    rows = read_jsonl(out / "results.jsonl")
     assert len(rows) == 16
     for row in rows:
         for key in ("input", "prompt_hash", "raw_output", "prediction", "correct", "cached", "gold"):
@@ -46,24 +42,22 @@ def test_quick_form_label_task_and_cache(tmp_path, call_cache):
     assert "accuracy" in r.stdout
 
     # The same run again comes from the cache, with identical predictions.
-    r2 = run_cli(*args, env=call_cache)
-    assert r2.returncode == 0, r2.stderr
-    rows2 = read_rows(out / "results.jsonl")
+    ok(run_cli(*args, env=call_cache))
+    rows2 = read_jsonl(out / "results.jsonl")
     assert all(row["cached"] for row in rows2)
     assert [x["prediction"] for x in rows2] == [x["prediction"] for x in rows]
 
 
 def test_generation_task_with_cot_and_samples(tmp_path, call_cache):
     out = tmp_path / "out"
-    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/apples_cot.yaml"),
-                "--data", str(EXAMPLES / "data/gsm8k_dev_50.jsonl"), "--limit", "2", "--max-new-tokens", "24",
-                "--samples", "2", "--temperature", "0.8", "--out", str(out), env=call_cache)
-    assert r.returncode == 0, r.stderr
+    r = ok(run_cli("eval", "--prompt", str(EXAMPLES / "prompts/apples_cot.yaml"),
+                   "--data", str(EXAMPLES / "data/gsm8k_dev_50.jsonl"), "--limit", "2", "--max-new-tokens", "24",
+                   "--samples", "2", "--temperature", "0.8", "--out", str(out), env=call_cache))
     summary = json.loads((out / "summary.json").read_text())
     cell = summary["cells"][0]
     assert cell["mode"] == "generate" and summary["task"] == "number"
     assert cell["n_samples"] == 2 and set(cell["pass_rate"]) == {"gsm8k-dev-0", "gsm8k-dev-1"}
-    rows = read_rows(out / "results.jsonl")
+    rows = read_jsonl(out / "results.jsonl")
     assert sorted((r["item_id"], r["sample"]) for r in rows) == [
         ("gsm8k-dev-0", 0), ("gsm8k-dev-0", 1), ("gsm8k-dev-1", 0), ("gsm8k-dev-1", 1)]
     for row in rows:
@@ -73,17 +67,15 @@ def test_generation_task_with_cot_and_samples(tmp_path, call_cache):
 
 def test_dry_run_runs_nothing(tmp_path, call_cache):
     out = tmp_path / "out"
-    r = run_cli("eval", str(EXAMPLES / "eval_nsmc.yaml"), "--limit", "5", "--dry-run", "--out", str(out),
-                env=call_cache)
-    assert r.returncode == 0, r.stderr
+    r = ok(run_cli("eval", str(EXAMPLES / "eval_nsmc.yaml"), "--limit", "5", "--dry-run", "--out", str(out),
+                   env=call_cache))
     assert "dry run" in r.stdout and "eight_shot" in r.stdout
     assert not (out / "results.jsonl").exists()
 
 
 def test_dry_run_prices_api_models(tmp_path, call_cache):
-    r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_zeroshot.yaml"),
-                "--data", str(EXAMPLES / "data/nsmc_three_dev_300.jsonl"), "--limit", "10",
-                "--model", "openai:gpt-4o-mini", "--dry-run", "--out", str(tmp_path / "o"),
-                env={**call_cache, "OPENAI_API_KEY": "sk-NOT-A-REAL-KEY"})
-    assert r.returncode == 0, r.stderr
+    r = ok(run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_zeroshot.yaml"),
+                   "--data", str(EXAMPLES / "data/nsmc_three_dev_300.jsonl"), "--limit", "10",
+                   "--model", "openai:gpt-4o-mini", "--dry-run", "--out", str(tmp_path / "o"),
+                   env={**call_cache, "OPENAI_API_KEY": "sk-NOT-A-REAL-KEY"}))
     assert "$" in r.stdout and "NOT-A-REAL-KEY" not in r.stdout + r.stderr

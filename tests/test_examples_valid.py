@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import EXAMPLES
 from tunelab.evaluate.runner import load_eval_config, load_variants
 from tunelab.prompts.spec import load_prompt_spec
 from tunelab.run.resolve import load_experiment
 from tunelab.train.config import load_train_config
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("path", sorted((EXAMPLES / "experiments").glob("*.yaml")), ids=lambda p: p.name)

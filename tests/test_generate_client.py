@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from fakeserver import FakeServer, Fault
+from helpers.fakeserver import FakeServer, Fault
+from helpers.processes import free_port
 from tunelab.generate.client import RequestFailed, TeacherClient, TeacherFatal, parse_retry_after
 from tunelab.generate.config import BudgetConfig, TeacherConfig
 from tunelab.generate.engine import Engine, Request
@@ -85,13 +86,7 @@ def test_rejected_key_is_fatal_and_never_echoed():
 
 
 def test_unreachable_endpoint_is_fatal():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens here now
-    results, _ = complete_all(teacher(f"http://127.0.0.1:{port}/v1"), 1)
+    results, _ = complete_all(teacher(f"http://127.0.0.1:{free_port()}/v1"), 1)
     assert isinstance(results[0], TeacherFatal) and "cannot reach" in str(results[0])
 
 

@@ -3,14 +3,15 @@ against the fault-injecting server (answers are derived from the prompt, so ever
 checked), plus the bundled model behind `tunelab serve` as the teacher."""
 
 import json
-import signal
-import time
 
 import pytest
 
-from fakeserver import FakeServer, Fault, label_for, math_answer
-from test_generate_helpers import (EXAMPLES, assert_no_secret, assert_ok, env_for, popen_generate, read_jsonl,
-                                   run_generate, stats, write_config)
+from helpers import EXAMPLES, read_jsonl, write_jsonl, write_yaml
+from helpers.cli import assert_clean_error, ok, tunelab_cmd
+from helpers.fakeserver import FakeServer, Fault, label_for, math_answer
+from helpers.generate import (assert_no_secret, env_for, generate_env, journaled, run_generate, stats,
+                              with_overrides)
+from helpers.processes import sigkill_when
 from tunelab.prompts import load_prompt_spec
 
 NSMC = EXAMPLES / "data" / "nsmc_three_dev_300.jsonl"
@@ -29,9 +30,7 @@ def label_config(url: str, *, limit: int, **over) -> dict:
            "data": {"path": str(NSMC), "limit": limit},
            "teacher": {"model": "gpt-4o-mini", "base_url": url, "concurrency": 4, **FAST},
            "sampling": {"max_tokens": 8}}
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def test_label_end_to_end(tmp_path):
@@ -39,9 +38,9 @@ def test_label_end_to_end(tmp_path):
     items = nsmc(20)
     cycle = [Fault("429", retry_after=0.05), None, Fault("500"), None]
     with FakeServer(labels=LABELS, flaw_cycle=["bad", None, None], fault_cycle=cycle) as srv:
-        cfg = write_config(tmp_path / "label.yaml", label_config(srv.url, limit=20, quality={"dedup": "none"}))
+        cfg = write_yaml(tmp_path / "label.yaml", label_config(srv.url, limit=20, quality={"dedup": "none"}))
         r = run_generate(cfg, "--out", str(tmp_path / "out"), "--eval-set", str(NSMC), env=env_for(tmp_path))
-        assert_ok(r)
+        ok(r)
     out = tmp_path / "out"
     rows = read_jsonl(out / "data.jsonl")
     assert [r["id"] for r in rows] == [it["id"] for it in items]
@@ -71,26 +70,17 @@ def test_label_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path):
     spec = load_prompt_spec(SENTIMENT)
     items = nsmc(n)
     with FakeServer(labels=LABELS, latency=0.1) as srv:
-        cfg = write_config(tmp_path / "label.yaml", label_config(
+        cfg = write_yaml(tmp_path / "label.yaml", label_config(
             srv.url, limit=n, teacher={"concurrency": conc}, quality={"dedup": "none"}))
         out = tmp_path / "out"
         env = env_for(tmp_path)
-        proc = popen_generate(cfg, "--out", str(out), "--no-cache", env=env)
         journal = out / "journal.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            if journal.exists() and journal.read_bytes().count(b"\n") >= 12:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        proc.stdout.close()
-        proc.stderr.close()
+        sigkill_when(tunelab_cmd("generate", cfg, "--out", out, "--no-cache"), journaled(journal, 12),
+                     env=generate_env(env), timeout=60)
         done_before = journal.read_bytes().count(b"\n")
         assert 12 <= done_before < n
         r = run_generate(cfg, "--out", str(out), "--no-cache", env=env)
-        assert_ok(r)
+        ok(r)
         served = srv.stats()["completions"]
     rows = read_jsonl(out / "data.jsonl")
     ids = [r["id"] for r in rows]
@@ -104,13 +94,12 @@ def test_label_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_label_majority_vote_and_dedup(tmp_path):
-    data = tmp_path / "d.jsonl"
-    rows = [{"id": "a", "text": "좋다"}, {"id": "b", "text": "좋다!"}, {"id": "c", "text": "별로다"}]
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "좋다"}, {"id": "b", "text": "좋다!"},
+                                              {"id": "c", "text": "별로다"}])
     with FakeServer(labels=LABELS) as srv:
-        cfg = write_config(tmp_path / "l.yaml", label_config(srv.url, limit=10, data={"path": str(data)},
+        cfg = write_yaml(tmp_path / "l.yaml", label_config(srv.url, limit=10, data={"path": str(data)},
                                                              sampling={"temperature": 0.8, "samples": 3}))
-        assert_ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
+        ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     assert st["kept"] == 2 and st["dropped"]["by_reason"] == {"duplicate": 1}  # "좋다" and "좋다!" normalise alike
     out = read_jsonl(tmp_path / "out" / "data.jsonl")
@@ -121,9 +110,7 @@ def gsm_config(url: str, path: str, **over) -> dict:
     cfg = {"name": "gsm-test", "pipeline": "respond", "prompt": str(GSM_SPEC), "data": {"path": path},
            "teacher": {"model": "gpt-4o-mini", "base_url": url, "concurrency": 4, **FAST},
            "sampling": {"max_tokens": 200}}
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    return cfg
+    return with_overrides(cfg, over)
 
 
 def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
@@ -132,9 +119,9 @@ def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
     items = read_jsonl(gsm)[:12]
     flaws = ["inconsistent", None, "bad", None]
     with FakeServer(answer_format="Answer: {n}", flaw_cycle=flaws) as srv:
-        cfg = write_config(tmp_path / "g.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
+        cfg = write_yaml(tmp_path / "g.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
                                                            quality={"repair": 0}, teacher={"model": "fake-math"}))
-        assert_ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
+        ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     by = st["dropped"]["by_reason"]
     assert by == {"answer_disagrees_with_reasoning": 3, "parse_error": 3} and st["kept"] == 6
@@ -152,9 +139,9 @@ def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
 
     # The same with one repair re-ask: the flawed answers are asked again and come back consistent.
     with FakeServer(answer_format="Answer: {n}", flaw_cycle=flaws) as srv:
-        cfg = write_config(tmp_path / "g2.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
+        cfg = write_yaml(tmp_path / "g2.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
                                                             quality={"repair": 1}, teacher={"model": "fake-math"}))
-        assert_ok(run_generate(cfg, "--out", str(tmp_path / "out2"), env=env_for(tmp_path)))
+        ok(run_generate(cfg, "--out", str(tmp_path / "out2"), env=env_for(tmp_path)))
     st2 = stats(tmp_path / "out2")
     assert st2["kept"] == 12 and st2["requests"]["repairs_ok"] == st2["requests"]["repairs_asked"] == 6
 
@@ -162,12 +149,11 @@ def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
 def test_respond_require_correct_is_rejection_sampling(tmp_path):
     data = tmp_path / "sums.jsonl"
     qs = [("Add 3 and 4.", "7"), ("What is 10 plus 5?", "15"), ("Tom has 2 apples and gets 2 more.", "5")]
-    data.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer": a}) + "\n"
-                            for i, (q, a) in enumerate(qs)))
+    write_jsonl(data, [{"id": f"q{i}", "question": q, "answer": a} for i, (q, a) in enumerate(qs)])
     with FakeServer(answer_format="Answer: {n}") as srv:
-        cfg = write_config(tmp_path / "g.yaml", gsm_config(srv.url, str(data), quality={"require_correct": True},
+        cfg = write_yaml(tmp_path / "g.yaml", gsm_config(srv.url, str(data), quality={"require_correct": True},
                                                            teacher={"model": "fake-math"}))
-        assert_ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
+        ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     assert st["kept"] == 2 and st["dropped"]["by_reason"] == {"wrong_answer": 1}
     assert st["teacher_accuracy"]["correct"] == 2
@@ -177,23 +163,19 @@ def test_respond_require_correct_is_rejection_sampling(tmp_path):
 def test_bad_item_names_the_data_line(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "question": "Add 1 and 2."}\n{"id": "b", "text": "no question field"}\n')
-    cfg = write_config(tmp_path / "g.yaml", gsm_config("http://127.0.0.1:9/v1", str(data)))
+    cfg = write_yaml(tmp_path / "g.yaml", gsm_config("http://127.0.0.1:9/v1", str(data)))
     r = run_generate(cfg, env=env_for(tmp_path))
-    from test_generate_helpers import assert_clean_error
-
     assert_clean_error(r, f"{data}:2", "question")
 
 
 def test_malformed_data_line_and_duplicate_ids(tmp_path):
-    from test_generate_helpers import assert_clean_error
-
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "a", "text": "좋다"}\n{"id": "b", "text": oops}\n')
-    cfg = write_config(tmp_path / "l.yaml", label_config("http://127.0.0.1:9/v1", limit=10, data={"path": str(data)}))
+    cfg = write_yaml(tmp_path / "l.yaml", label_config("http://127.0.0.1:9/v1", limit=10, data={"path": str(data)}))
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), f"{data}:2", "malformed JSON")
     data.write_text('{"id": "a", "text": "좋다"}\n{"id": "a", "text": "별로"}\n')
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), f"{data}:2", "duplicate id 'a'")
-    cfg = write_config(tmp_path / "l.yaml", label_config("http://127.0.0.1:9/v1", limit=10,
+    cfg = write_yaml(tmp_path / "l.yaml", label_config("http://127.0.0.1:9/v1", limit=10,
                                                          data={"path": str(tmp_path / "missing.jsonl")}))
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), "missing.jsonl")
 
@@ -207,7 +189,7 @@ def test_tunelab_serve_as_the_teacher(tmp_path):
     data = EXAMPLES / "data" / "nsmc_binary_dev_200.jsonl"
     app = build_app(ServeConfig(dtype="float32", served_model_name="teacher", api_key="serve-key"))
     with ServerThread(app) as srv:
-        cfg = write_config(tmp_path / "l.yaml", {
+        cfg = write_yaml(tmp_path / "l.yaml", {
             "name": "serve-teacher", "pipeline": "label", "prompt": str(EXAMPLES / "prompts" / "sentiment_binary.yaml"),
             "data": {"path": str(data), "limit": 6},
             "teacher": {"model": "teacher", "base_url": srv.url + "/v1", "api_key_env": "SERVE_KEY",
@@ -215,7 +197,7 @@ def test_tunelab_serve_as_the_teacher(tmp_path):
             "sampling": {"max_tokens": 4, "stop": ["\n"]}, "quality": {"repair": 1}})
         r = run_generate(cfg, "--out", str(tmp_path / "out"), env={**env_for(tmp_path), "SERVE_KEY": "serve-key"},
                          timeout=300)
-        assert_ok(r)
+        ok(r)
     st = stats(tmp_path / "out")
     assert st["requests"]["fetched"] >= 6 and st["kept"] + st["dropped"]["total"] == 6
     assert st["kept"] >= 1, st  # the answer stops at the newline: labels parse (the model says Positive a lot)

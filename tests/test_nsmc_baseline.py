@@ -9,20 +9,24 @@ from pathlib import Path
 
 import pytest
 
+from helpers import EXAMPLES, ROOT, read_jsonl, write_jsonl
+from helpers.cli import assert_clean_error, ok
+
 pytest.importorskip("sklearn")
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "nsmc_baseline.py"
-DATA = ROOT / "examples" / "data"
+DATA = EXAMPLES / "data"
 
 
 def head(src: Path, dst: Path, n: int) -> list[dict]:
-    rows = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()[:n]]
-    dst.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    """The first ``n`` records of ``src``, also written to ``dst``."""
+    rows = read_jsonl(src)[:n]
+    write_jsonl(dst, rows)
     return rows
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
+    """benchmarks/nsmc_baseline.py ARGS, to its end."""
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
@@ -37,11 +41,10 @@ def test_fits_scores_and_pairs_with_a_trained_models_rows(tmp_path):
         scores = {"Positive": -0.1 if pred == "Positive" else -3.0, "Negative": -0.1 if pred == "Negative" else -3.0}
         rows.append({"model": "after", "item_id": r["id"], "correct": right, "scores": scores})
         rows.append({"model": "before", "item_id": r["id"], "correct": False, "scores": scores})
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+    write_jsonl(tmp_path / "results.jsonl", rows)
 
-    p = run("--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"), "--folds", "2",
-            "--curve", "100", "--against", str(tmp_path / "results.jsonl"))
-    assert p.returncode == 0, p.stderr
+    p = ok(run("--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"), "--folds", "2",
+            "--curve", "100", "--against", str(tmp_path / "results.jsonl")))
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["n_train"] == 200 and out["n_dev"] == 40
     assert 0 <= out["baseline_accuracy"] <= 100 and out["ci"][0] <= out["baseline_accuracy"] <= out["ci"][1]
@@ -63,14 +66,13 @@ def test_fits_scores_and_pairs_with_a_trained_models_rows(tmp_path):
 ])
 def test_bad_training_file_exits_2_with_one_line(tmp_path, content, where):
     (tmp_path / "train.jsonl").write_text(content, encoding="utf-8")
-    p = run("--train", str(tmp_path / "train.jsonl"))
-    assert p.returncode == 2
-    assert all(w in p.stderr for w in where) and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert_clean_error(run("--train", str(tmp_path / "train.jsonl")), *where)
 
 
 def test_a_missing_results_file_exits_2_before_any_fitting(tmp_path):
     p = run("--against", str(tmp_path / "missing.jsonl"))
-    assert p.returncode == 2 and "no such file: " in p.stderr and "missing.jsonl" in p.stderr and not p.stdout
+    assert_clean_error(p, "no such file: ", "missing.jsonl")
+    assert not p.stdout
 
 
 def test_results_scored_over_other_labels_exit_2(tmp_path):
@@ -78,8 +80,8 @@ def test_results_scored_over_other_labels_exit_2(tmp_path):
     dev = head(DATA / "nsmc_three_dev_900.jsonl", tmp_path / "dev.jsonl", 20)
     rows = [{"model": "after", "item_id": r["id"], "correct": True, "scores": {"Positive": -1.0, "Negative": -2.0}}
             for r in dev]
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows), encoding="utf-8")
+    write_jsonl(tmp_path / "results.jsonl", rows)
     p = run("--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl"), "--folds", "2",
             "--curve", "--against", str(tmp_path / "results.jsonl"))
-    assert p.returncode == 2 and "Traceback" not in p.stderr and not p.stdout  # before any fitting
-    assert "are not the training labels ['Negative', 'Neutral', 'Positive']" in p.stderr
+    assert_clean_error(p, "are not the training labels ['Negative', 'Neutral', 'Positive']")
+    assert not p.stdout  # before any fitting

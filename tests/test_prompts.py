@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import EXAMPLES, write_jsonl
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.prompts import (PromptSpec, load_prompt_spec, parse_free, parse_json, parse_label, parse_number,
                              parse_sections, spec_from_dict)
 
-ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "examples" / "prompts"
+PROMPTS = EXAMPLES / "prompts"
 LABELS = ["Positive", "Negative", "Neutral"]
 
 
@@ -227,7 +227,7 @@ def test_inline_spec_from_dict_names_its_source():
 def pool(tmp_path) -> Path:
     rows = [{"id": i, "text": f"review {i}", "label": LABELS[i % 3] if i < 24 else "Positive"} for i in range(40)]
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(tmp_path / "data" / "pool.jsonl", rows)
     return tmp_path
 
 
@@ -495,4 +495,4 @@ def test_input_fields_are_what_the_template_reads():
                                                                  "{% endif %}",
                            "output": {"type": "label", "labels": ["a", "b"]}}, base_dir=Path("."), source="t")
     assert spec.input_fields() == ["n", "text", "title"]
-    assert load_prompt_spec(Path(__file__).resolve().parents[1] / "examples" / "prompts" / "sentiment_binary.yaml").input_fields() == ["text"]
+    assert load_prompt_spec(PROMPTS / "sentiment_binary.yaml").input_fields() == ["text"]

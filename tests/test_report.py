@@ -1,18 +1,15 @@
 import re
-import shutil
-import subprocess
 
 import numpy as np
-import pytest
 
-from fakeserver import FakeServer
+from helpers.fakeserver import FakeServer
+from helpers.pages import EVIL, assert_self_contained, needs_chromium, screenshot
 from tunelab.config import EvalConfig, validate_as
 from tunelab.data.io import write_jsonl
 from tunelab.evaluate.runner import EvalRunner
 from tunelab.evaluate.page import render as render_report, write as write_report
 
 LABELS = ["긍정", "부정", "중립"]
-EVIL = "<script>alert(1)</script>"
 MARKUP = "<b>markup</b> & 한국어"  # a model name: shown escaped wherever it appears
 
 
@@ -123,14 +120,8 @@ def test_report_without_gold_and_several_models(tmp_path):
     assert "{&#34;name&#34;: &#34;김&#34;}" in html  # JSON predictions shown as JSON, escaped
 
 
-EXTERNAL = re.compile(r"""(?:src|href|xlink:href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
-
-
 def _check_common(html: str, variants: list[str], evil: bool = True) -> None:
-    assert html.startswith("<!DOCTYPE html>")
-    assert '<meta charset="utf-8">' in html
-    assert not EXTERNAL.search(html), EXTERNAL.search(html)
-    assert "<script" not in html.lower()  # escaped everywhere, and the report has no scripts of its own
+    assert_self_contained(html)  # the evil script escaped everywhere, and the report has no scripts of its own
     if evil:
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<svg" in html
@@ -138,17 +129,9 @@ def _check_common(html: str, variants: list[str], evil: bool = True) -> None:
         assert v in html
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (apt-get install -y chromium) - headless rendering not checked")
+@needs_chromium
 def test_report_renders_in_headless_chromium(tmp_path):
     summary, rows = label_run(tmp_path)
     path = write_report(tmp_path / "report.html", summary, rows, title="chromium")
-    png = tmp_path / "shot.png"
-    cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           f"--screenshot={png}", "--window-size=1200,2000", path.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert png.is_file(), proc.stderr[-2000:]
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    data = screenshot(path, tmp_path / "shot.png", tmp_path / "profile")
     assert len(data) > 20_000  # a rendered page with tables and charts, not a blank image

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from test_run_support import DEV, FEW_SHOT, SHORT, TRAIN, assert_clean_error, run_env, tunelab
+from helpers.cli import assert_clean_error, run_cli
+from helpers.run import DEV, FEW_SHOT, SHORT, TRAIN, run_env
 
 GOOD = f"""name: bad-inputs
 model: bundled
@@ -61,7 +62,7 @@ def test_bad_experiment_is_one_line_with_file_and_line(case, tmp_path):
     text, needles = CASES[case]
     exp = tmp_path / "exp.yaml"
     exp.write_text(text, encoding="utf-8")
-    p = tunelab("run", exp, "--out", tmp_path / "out", env=run_env(tmp_path), timeout=120)
+    p = run_cli("run", exp, "--out", tmp_path / "out", env=run_env(tmp_path), timeout=120)
     assert_clean_error(p, *needles)
     assert not (tmp_path / "out" / "run.json").exists()  # nothing ran
 
@@ -78,20 +79,20 @@ def test_the_good_experiment_loads(tmp_path):
 
 
 def test_missing_experiment_file(tmp_path):
-    assert_clean_error(tunelab("run", tmp_path / "none.yaml", env=run_env(tmp_path)), "none.yaml", "no such file")
+    assert_clean_error(run_cli("run", tmp_path / "none.yaml", env=run_env(tmp_path)), "none.yaml", "no such file")
 
 
 def test_unknown_stage_name(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text(GOOD, encoding="utf-8")
-    p = tunelab("run", exp, "--out", tmp_path / "out", "--only", "trian", env=run_env(tmp_path))
+    p = run_cli("run", exp, "--out", tmp_path / "out", "--only", "trian", env=run_env(tmp_path))
     assert_clean_error(p, "--only 'trian'", "eval, train/lora, eval_after")
 
 
 def test_compare_needs_two_run_folders(tmp_path):
-    assert_clean_error(tunelab("compare", tmp_path / "a", tmp_path / "b", env=run_env(tmp_path)),
+    assert_clean_error(run_cli("compare", tmp_path / "a", tmp_path / "b", env=run_env(tmp_path)),
                        "no such run folder", str(tmp_path / "a"))
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "run.json").write_text(json.dumps({"stages": {}}))
-    assert_clean_error(tunelab("compare", tmp_path / "a", tmp_path / "a", env=run_env(tmp_path)),
+    assert_clean_error(run_cli("compare", tmp_path / "a", tmp_path / "a", env=run_env(tmp_path)),
                        "summary.json is missing")

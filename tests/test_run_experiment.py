@@ -6,26 +6,26 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
 
-from test_run_support import (ROOT, actions, experiment, ok, read_jsonl, run_env, state, tunelab,
-                              write_experiment)
-from test_train_support import sigkill_after_checkpoint, tiny_model_dir  # noqa: F401
+from helpers import read_jsonl, write_yaml
+from helpers.cli import ok, run_cli, tunelab_cmd
+from helpers.processes import sigkill_when
+from helpers.run import actions, experiment, run_env, state
+from helpers.train import checkpointed
 
 STAGES = ["eval", "train/lora", "eval_after", "serve"]
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def first_run(tiny_model_dir, tmp_path_factory):
     """One complete run (eval -> train (4 steps) -> eval_after -> serve smoke test); later tests copy its folder."""
     d = tmp_path_factory.mktemp("run")
-    exp = write_experiment(d / "exp.yaml", experiment(tiny_model_dir, serve={"mode": "smoke", "max_tokens": 4}))
+    exp = write_yaml(d / "exp.yaml", experiment(tiny_model_dir, serve={"mode": "smoke", "max_tokens": 4}))
     out = d / "out"
-    p = ok(tunelab("run", exp, "--out", out, env=run_env(d)))
+    p = ok(run_cli("run", exp, "--out", out, env=run_env(d)))
     return exp, out, p, d
 
 
@@ -113,7 +113,7 @@ def test_second_run_skips_every_stage(first_run, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     before = state(copy)
-    p = ok(tunelab("run", exp, "--out", copy, env=run_env(d)))
+    p = ok(run_cli("run", exp, "--out", copy, env=run_env(d)))
     assert actions(copy) == {k: ("done", "cached") for k in STAGES}
     after = state(copy)
     assert {k: v["hash"] for k, v in after["stages"].items()} == {k: v["hash"] for k, v in before["stages"].items()}
@@ -125,14 +125,14 @@ def test_second_run_skips_every_stage(first_run, tmp_path):
     assert s1["prompts"] == s0["prompts"] and s1["methods"] == s0["methods"]
 
 
-def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, tiny_model_dir, tmp_path):  # noqa: F811
-    exp, out, _, d = first_run
+def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, tiny_model_dir, tmp_path):
+    _, out, _, d = first_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     changed = experiment(tiny_model_dir, serve={"mode": "smoke", "max_tokens": 4})
     changed["train"][0]["optim"]["lr"] = 1.0e-3
-    exp2 = write_experiment(tmp_path / "exp.yaml", changed)
-    ok(tunelab("run", exp2, "--out", copy, env=run_env(d)))
+    exp2 = write_yaml(tmp_path / "exp.yaml", changed)
+    ok(run_cli("run", exp2, "--out", copy, env=run_env(d)))
     assert actions(copy) == {"eval": ("done", "cached"), "train/lora": ("done", "ran"),
                              "eval_after": ("done", "ran"), "serve": ("done", "ran")}
     cfg = (copy / "configs" / "train_lora.yaml").read_text()
@@ -140,7 +140,7 @@ def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, tin
     assert state(copy)["stages"]["train/lora"]["result"]["lr"] == pytest.approx(1e-3)
 
     # `tunelab compare` names the changed field, the metric deltas and the stages that differ
-    p = ok(tunelab("compare", out, copy, env=run_env(d)))
+    p = ok(run_cli("compare", out, copy, env=run_env(d)))
     assert "train.lora.optim.lr" in p.stdout and "0.005" in p.stdout and "0.001" in p.stdout
     assert "train_config" not in p.stdout  # the merged train config repeats the same change: shown once
     assert "lora: accuracy %" in p.stdout and "prompt short: accuracy %" in p.stdout
@@ -149,19 +149,19 @@ def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, tin
     assert "eval " not in stages_section.replace("eval_after", "")  # the eval stage is the same in both runs
 
 
-def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):  # noqa: F811
+def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     exp = experiment(tiny_model_dir)
     exp["data"]["train_limit"] = 24
     exp["train"][0]["train"] = {"max_steps": 6, "batch_size": 4, "micro_batch_size": 4}
     exp["train"][0]["checkpoint"] = {"every_steps": 1}
-    path = write_experiment(tmp_path / "exp.yaml", exp)
+    path = write_yaml(tmp_path / "exp.yaml", exp)
     out = tmp_path / "out"
     env = run_env(tmp_path, TUNELAB_TRAIN_STEP_SLEEP="0.4")
-    sigkill_after_checkpoint([sys.executable, "-m", "tunelab.cli", "run", str(path), "--out", str(out)], env,
-                             out / "train" / "lora" / "checkpoints" / "latest", step=2)
+    latest = out / "train" / "lora" / "checkpoints" / "latest"
+    sigkill_when(tunelab_cmd("run", path, "--out", out), checkpointed(latest, 2), env=env)
     assert actions(out) == {"eval": ("done", "ran"), "train/lora": ("running", "ran")}
     assert not (out / "train" / "lora" / "adapter").exists()
-    p = ok(tunelab("run", path, "--out", out, env=run_env(tmp_path)))
+    p = ok(run_cli("run", path, "--out", out, env=run_env(tmp_path)))
     assert actions(out) == {"eval": ("done", "cached"), "train/lora": ("done", "resumed"),
                             "eval_after": ("done", "ran")}
     rep = json.loads((out / "train" / "lora" / "report.json").read_text())
@@ -175,11 +175,11 @@ def test_force_and_only_select_stages(first_run, tmp_path):
     exp, out, _, d = first_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    ok(tunelab("run", exp, "--out", copy, "--only", "eval", "--force", "eval", env=run_env(d)))
+    ok(run_cli("run", exp, "--out", copy, "--only", "eval", "--force", "eval", env=run_env(d)))
     assert actions(copy) == {"eval": ("done", "ran"), "train/lora": ("done", "skipped"),
                              "eval_after": ("done", "skipped"), "serve": ("done", "skipped")}
     # eval ran again with the same predictions (greedy), so nothing downstream is out of date
-    ok(tunelab("run", exp, "--out", copy, env=run_env(d)))
+    ok(run_cli("run", exp, "--out", copy, env=run_env(d)))
     assert actions(copy) == {k: ("done", "cached") for k in STAGES}
-    ok(tunelab("run", exp, "--out", copy, "--force", "train", "--only", "train", env=run_env(d)))
+    ok(run_cli("run", exp, "--out", copy, "--force", "train", "--only", "train", env=run_env(d)))
     assert actions(copy)["train/lora"] == ("done", "ran") and actions(copy)["eval"] == ("done", "skipped")

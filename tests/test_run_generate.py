@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-from fakeserver import FakeServer
-from test_run_support import FEW_SHOT, TRAIN, actions, experiment, ok, read_jsonl, run_env, state, tunelab, \
-    write_experiment
-from test_train_support import tiny_model_dir  # noqa: F401
+from helpers import read_jsonl, write_yaml
+from helpers.cli import ok, run_cli
+from helpers.fakeserver import FakeServer
+from helpers.run import FEW_SHOT, TRAIN, actions, experiment, run_env, state
 
 
-def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):  # noqa: F811
+def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):
     with FakeServer(labels=["Positive", "Negative"]) as srv:
         gen = {"config": {
             "name": "teacher", "pipeline": "label", "prompt": str(FEW_SHOT),
@@ -22,10 +22,10 @@ def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):  #
             "sampling": {"max_tokens": 8}, "quality": {"dedup": "exact"}}}
         exp = experiment(tiny_model_dir, generate=gen)
         exp["train"][0]["data"] = "generated"
-        path = write_experiment(tmp_path / "exp.yaml", exp)
+        path = write_yaml(tmp_path / "exp.yaml", exp)
         out = tmp_path / "out"
         env = run_env(tmp_path, FAKE_TEACHER_KEY="sk-test-not-a-real-key")
-        p = ok(tunelab("run", path, "--out", out, env=env))
+        p = ok(run_cli("run", path, "--out", out, env=env))
         assert actions(out) == {"eval": ("done", "ran"), "generate": ("done", "ran"), "train/lora": ("done", "ran"),
                                 "eval_after": ("done", "ran")}
         sent = srv.stats()["completions"]
@@ -47,7 +47,7 @@ def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):  #
         assert f"${gen_cost['teacher_usd']:.4f}" in html
 
         # a rerun asks the teacher nothing and trains nothing
-        ok(tunelab("run", path, "--out", out, env=env))
+        ok(run_cli("run", path, "--out", out, env=env))
         assert set(actions(out).values()) == {("done", "cached")}
         assert srv.stats()["completions"] == sent
     assert state(out)["stages"]["train/lora"]["result"]["data"] == str(data.resolve())

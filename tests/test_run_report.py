@@ -9,34 +9,29 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from test_run_support import DEV, EVIL, experiment, ok, read_jsonl, run_env, tunelab, write_experiment
-from test_train_support import tiny_model_dir  # noqa: F401
-
-EXTERNAL = re.compile(r"""(?:src|href|xlink:href|url)\s*[=(]\s*["']?\s*(?:https?:)?//""", re.I)
+from helpers import read_jsonl, write_jsonl, write_yaml
+from helpers.cli import ok, run_cli
+from helpers.pages import EVIL, PNG, WebDriver, assert_self_contained, needs_webdriver
+from helpers.run import DEV, experiment, run_env
 
 
 @pytest.fixture(scope="module")
-def report_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def report_run(tiny_model_dir, tmp_path_factory):
     """A tiny run whose eval data holds a review with markup in it (it must show up escaped)."""
     d = tmp_path_factory.mktemp("report")
     rows = read_jsonl(DEV)[:16]
     rows[0]["text"] = f"{EVIL} 최고의 영화 & <b>bold</b>"
-    data = d / "dev.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = write_jsonl(d / "dev.jsonl", rows)
     exp = experiment(tiny_model_dir, description=f"a description with {EVIL}", tracking=["mlflow", "tensorboard"])
     exp["data"]["eval"] = str(data)
-    path = write_experiment(d / "exp.yaml", exp)
+    path = write_yaml(d / "exp.yaml", exp)
     out = d / "out"
-    ok(tunelab("run", path, "--out", out, env=run_env(d, MLFLOW_TRACKING_URI=(d / "mlruns").as_uri())))
+    ok(run_cli("run", path, "--out", out, env=run_env(d, MLFLOW_TRACKING_URI=(d / "mlruns").as_uri())))
     return out
 
 
@@ -54,9 +49,7 @@ def test_tracking_is_optional(report_run):
 
 def test_report_is_one_self_contained_page(report_run):
     html = (report_run / "report.html").read_text(encoding="utf-8")
-    assert html.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in html
-    assert not EXTERNAL.search(html), EXTERNAL.search(html)
-    assert "<script" not in html.lower() and "<link" not in html.lower() and "@import" not in html
+    assert_self_contained(html)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "&lt;b&gt;bold&lt;/b&gt;" in html
     s = json.loads((report_run / "summary.json").read_text())
     assert s["verdict"]["text"].replace("'", "&#39;") in html.replace("&#34;", '"')
@@ -71,65 +64,7 @@ def test_report_is_one_self_contained_page(report_run):
     assert f"{s['best_prompt']['variant']} (best prompt)" in examples and "<th>lora</th>" in examples
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class WebDriver:
-    """The few W3C WebDriver calls this test needs, over HTTP to a local chromedriver."""
-
-    def __init__(self, profile: Path):
-        import httpx
-
-        self.port = _free_port()
-        self.proc = subprocess.Popen([shutil.which("chromedriver"), f"--port={self.port}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120)
-        deadline = time.time() + 30
-        while True:
-            try:
-                if self.http.get("/status").json()["value"]["ready"]:
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("chromedriver did not start")
-            time.sleep(0.1)
-        caps = {"browserName": "chrome", "goog:loggingPrefs": {"browser": "ALL"},
-                "goog:chromeOptions": {"binary": shutil.which("chromium"), "args": [
-                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,1600"]}}
-        r = self.http.post("/session", json={"capabilities": {"alwaysMatch": caps}}).json()
-        if "sessionId" not in r.get("value", {}):
-            self.close()
-            raise RuntimeError(f"no WebDriver session: {r}")
-        self.sid = r["value"]["sessionId"]
-
-    def call(self, method: str, path: str, body: dict | None = None):
-        r = self.http.request(method, f"/session/{self.sid}{path}", json=body)
-        value = r.json()["value"]
-        assert r.status_code == 200, value
-        return value
-
-    def js(self, script: str):
-        return self.call("POST", "/execute/sync", {"script": script, "args": []})
-
-    def close(self) -> None:
-        try:
-            if getattr(self, "sid", None):
-                self.http.delete(f"/session/{self.sid}")
-        finally:
-            self.http.close()
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-@pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("chromedriver") is None,
-                    reason="chromium / chromedriver not installed (apt-get install -y chromium chromium-driver; "
-                           "`make browser`) - headless rendering not checked")
+@needs_webdriver
 def test_report_renders_in_headless_chromium(report_run, tmp_path):
     page = (report_run / "report.html").resolve()
     wd = WebDriver(tmp_path / "profile")
@@ -166,7 +101,7 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
         wd.close()
     shot = tmp_path / "report.png"
     shot.write_bytes(png)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    assert png[:8] == PNG and len(png) > 50_000
     keep = os.environ.get("TUNELAB_SCREENSHOT_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,11 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
-from fakeserver import FakeServer, Fault
-from test_generate_helpers import EXAMPLES, SENTINEL, assert_no_secret
-from test_run_support import DEV, SHORT, TRAIN, assert_clean_error, ok, read_jsonl, run_env, tunelab, \
-    write_experiment
-from test_train_support import tiny_model_dir  # noqa: F401
+from helpers import EXAMPLES, read_jsonl, write_yaml
+from helpers.cli import assert_clean_error, ok, run_cli
+from helpers.fakeserver import FakeServer, Fault
+from helpers.generate import SENTINEL, assert_no_secret
+from helpers.run import DEV, SHORT, TRAIN, run_env
 
 LABEL_CONFIG = EXAMPLES / "generate" / "nsmc_teacher_label.yaml"
 LABELS = ["Positive", "Negative"]
@@ -48,7 +48,7 @@ def tvg_experiment(model, url: str | None, **generate) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tvg_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
+def tvg_run(tiny_model_dir, tmp_path_factory):
     from tunelab.prompts import load_prompt_spec
 
     d = tmp_path_factory.mktemp("tvg")
@@ -70,8 +70,8 @@ def tvg_run(tiny_model_dir, tmp_path_factory):  # noqa: F811
     # Faults on the way: the labels must come through retries unchanged.
     with FakeServer(labels=LABELS, label_fn=teacher, api_key=SENTINEL,
                     fault_cycle=[Fault("429", retry_after=0.05), None, Fault("500"), None, None]) as srv:
-        path = write_experiment(d / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
-        p = ok(tunelab("run", path, "--out", d / "out", env=env, timeout=600))
+        path = write_yaml(d / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
+        p = ok(run_cli("run", path, "--out", d / "out", env=env, timeout=600))
         server = srv.stats()
     return {"out": d / "out", "p": p, "server": server, "seen": seen, "answers": answers, "items": items,
             "expected": expected, "env": env, "cache": d / "tunelab-cache"}
@@ -162,24 +162,22 @@ def test_the_key_is_nowhere(tvg_run):
     assert "TVG_TEACHER_KEY" in (tvg_run["out"] / "configs" / "generate.yaml").read_text()  # the name, not the key
 
 
-def test_inputs_train_needs_a_label_pipeline(tmp_path, tiny_model_dir):  # noqa: F811
+def test_inputs_train_needs_a_label_pipeline(tmp_path, tiny_model_dir):
     exp = tvg_experiment(tiny_model_dir, "http://127.0.0.1:9/v1")
     exp["generate"]["config"] = {"pipeline": "respond", "prompt": str(EXAMPLES / "generate" / "gsm8k_cot.prompt.yaml"),
                                  "data": {"path": str(EXAMPLES / "data" / "gsm8k_dev_50.jsonl")},
                                  "teacher": {"model": "gpt-4o-mini"}}
-    path = write_experiment(tmp_path / "bad.yaml", exp)
-    assert_clean_error(tunelab("run", path, "--out", tmp_path / "out", env=run_env(tmp_path)),
+    path = write_yaml(tmp_path / "bad.yaml", exp)
+    assert_clean_error(run_cli("run", path, "--out", tmp_path / "out", env=run_env(tmp_path)),
                        "bad.yaml:", "generate.inputs", "needs a label pipeline")
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
-def test_a_rejected_key_ends_the_run_with_one_line_and_no_key(tmp_path, tiny_model_dir):  # noqa: F811
+def test_a_rejected_key_ends_the_run_with_one_line_and_no_key(tmp_path, tiny_model_dir):
     """The server refuses the key and echoes it back (as some do): one error line, nothing trained, no key."""
     with FakeServer(labels=LABELS, api_key="the-right-key") as srv:
-        path = write_experiment(tmp_path / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
-        p = tunelab("run", path, "--out", tmp_path / "out", env=run_env(tmp_path, TVG_TEACHER_KEY=SENTINEL))
-    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-    last = p.stderr.strip().splitlines()[-1]  # (the stages' progress lines come before it)
-    assert last.startswith("error: ") and "rejected the API key (401)" in last, last
+        path = write_yaml(tmp_path / "tvg.yaml", tvg_experiment(tiny_model_dir, srv.url))
+        p = run_cli("run", path, "--out", tmp_path / "out", env=run_env(tmp_path, TVG_TEACHER_KEY=SENTINEL))
+    assert_clean_error(p, "rejected the API key (401)", last_line_only=True)  # after the stages' progress lines
     assert not (tmp_path / "out" / "train").exists()  # nothing trained on a failed labelling
     assert_no_secret(p.stdout, p.stderr, dirs=(tmp_path,))

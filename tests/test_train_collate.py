@@ -6,30 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_train_support import chat_rows, tiny_model_dir, write_jsonl  # noqa: F401
+from helpers import write_jsonl
+from helpers.train import chat_rows, naive_loss, random_examples
 from tunelab.train.collate import collate, plan_rows
 from tunelab.train.data import Example
 from tunelab.train.loss import SupervisedLoss, batch_loss
 from tunelab.train.schedule import lr_factor
-
-
-def random_examples(n_list, vocab=97, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in n_list:
-        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
-        tg = [False] + [bool(x) for x in torch.randint(0, 2, (n - 1,), generator=g).tolist()]
-        tg[-1] = True
-        out.append(Example(ids, tg))
-    return out
-
-
-def naive_loss(model, examples):
-    total = 0.0
-    for e in examples:
-        logp = model(torch.tensor([e.input_ids])).logits[0].log_softmax(-1)
-        total = total - sum(logp[t - 1, e.input_ids[t]] for t in range(1, len(e)) if e.targets[t])
-    return total
 
 
 def grads(model):

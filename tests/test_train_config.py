@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from test_train_support import ROOT
+from helpers import EXAMPLES
 from tunelab.errors import ConfigError
 from tunelab.train.config import TrainConfig, load_train_config
 
 
-TRAIN_CONFIGS = sorted(p for p in (ROOT / "examples" / "train").glob("*.yaml") if "\nmethod:" in p.read_text())
+TRAIN_CONFIGS = sorted(p for p in (EXAMPLES / "train").glob("*.yaml") if "\nmethod:" in p.read_text())
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
@@ -26,7 +26,7 @@ def test_example_configs_validate(path):
 def test_training_prompt_spec_loads():
     from tunelab.prompts import load_prompt_spec
 
-    spec = load_prompt_spec(ROOT / "examples" / "train" / "sentiment_binary_short.yaml")
+    spec = load_prompt_spec(EXAMPLES / "train" / "sentiment_binary_short.yaml")
     assert spec.labels == ["Positive", "Negative"]
     msgs = spec.render({"text": "좋아요"})
     assert msgs[0]["role"] == "system" and msgs[-1]["content"] == "좋아요"

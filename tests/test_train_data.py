@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from test_train_support import FakeSpec, chat_rows, have_prompt_specs, reviews, tiny_model_dir, tokenizer, \
-    write_jsonl  # noqa: F401
+from helpers import EXAMPLES, write_jsonl
+from helpers.train import FakeSpec, chat_rows, reviews
 from tunelab.errors import DataError
 from tunelab.train.config import TrainDataConfig
 from tunelab.train.data import ChatEncoder, eos_supervised, load_train_data, prompt_messages, supervision_preview
@@ -66,12 +66,9 @@ def test_prompt_spec_items_train_the_label_exactly_as_eval_renders_the_prompt(to
         prompt_messages(spec, {"text": "so-so", "label": "Neutral"}, "x.jsonl:3")
 
 
-@pytest.mark.skipif(not have_prompt_specs(), reason="tunelab.prompts / examples/prompts not available yet")
 def test_real_prompt_spec(tmp_path, tokenizer):
-    from test_train_support import ROOT
-
     p = write_jsonl(tmp_path / "r.jsonl", reviews(4))
-    data = load_train_data(TrainDataConfig(path=str(p), prompt=str(ROOT / "examples/prompts/sentiment_binary.yaml")),
+    data = load_train_data(TrainDataConfig(path=str(p), prompt=str(EXAMPLES / "prompts/sentiment_binary.yaml")),
                            tokenizer)
     assert data.format == "prompt"
     for ex in data.examples:
@@ -80,9 +77,7 @@ def test_real_prompt_spec(tmp_path, tokenizer):
 
 
 def test_mixed_in_files_keep_their_own_format_and_prompt(tmp_path, tokenizer):
-    from test_train_support import ROOT
-
-    three = str(ROOT / "examples/train/sentiment_three_short.yaml")
+    three = str(EXAMPLES / "train/sentiment_three_short.yaml")
     chat = write_jsonl(tmp_path / "chat.jsonl", chat_rows(3))
     items = write_jsonl(tmp_path / "items.jsonl", reviews(5))
     data = load_train_data(TrainDataConfig(path=str(chat), mix=[{"path": str(items), "prompt": three, "limit": 4}]),

@@ -8,8 +8,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from test_train_run import chat_file, run_train  # noqa: F401
-from test_train_support import tiny_model_dir  # noqa: F401
+from helpers.cli import assert_clean_error, ok
+from helpers.train import run_train
 
 
 def base(tiny, data, out, *extra: str) -> list[str]:
@@ -18,11 +18,10 @@ def base(tiny, data, out, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, tiny_model_dir, chat_file):  # noqa: F811
+def first(tmp_path_factory, tiny_model_dir, chat_file):
     out = tmp_path_factory.mktemp("init") / "first"
-    p = run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "3", "--lr", "5e-3", "--lora-r", "4",
-                        "--lora-alpha", "8", "--set", "lora.modules_to_save=[embed_tokens]"))
-    assert p.returncode == 0, p.stderr
+    ok(run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "3", "--lr", "5e-3", "--lora-r", "4",
+                       "--lora-alpha", "8", "--set", "lora.modules_to_save=[embed_tokens]")))
     return out
 
 
@@ -30,14 +29,13 @@ def tensors(out):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_training_starts_from_the_saved_adapter(tmp_path, tiny_model_dir, chat_file, first):  # noqa: F811
+def test_training_starts_from_the_saved_adapter(tmp_path, tiny_model_dir, chat_file, first):
     a = tensors(first)
     assert any("embed_tokens" in k for k in a) and all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
     # near-zero lr: the continued adapter is the first one, embeddings included (a fresh one would have B = 0)
     out = tmp_path / "cont"
-    p = run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "1", "--lr", "1e-12",
-                        "--init-adapter", str(first)))          # a train --out dir: its adapter/ is used
-    assert p.returncode == 0, p.stderr
+    p = ok(run_train(*base(tiny_model_dir, chat_file, out, "--max-steps", "1", "--lr", "1e-12",
+                           "--init-adapter", str(first))))          # a train --out dir: its adapter/ is used
     assert "LoRA initialised from" in p.stderr and "r=4 alpha=8.0" in p.stderr
     b = tensors(out)
     assert sorted(a) == sorted(b)
@@ -55,24 +53,21 @@ def test_training_starts_from_the_saved_adapter(tmp_path, tiny_model_dir, chat_f
     (["--set", "lora.modules_to_save=null"], "lora.modules_to_save is None but the adapter in"),
     (["--method", "full"], "lora.init_adapter is for method lora"),
 ])
-def test_a_contradicting_config_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, first, extra,  # noqa: F811
+def test_a_contradicting_config_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, first, extra,
                                                    message):
-    p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter", str(first / "adapter"),
-                        *extra))
-    assert p.returncode == 2, p.stderr
-    assert message in p.stderr and "Traceback" not in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+    assert_clean_error(run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter",
+                                       str(first / "adapter"), *extra)), message)
     assert not (tmp_path / "x").exists()
 
 
-def test_a_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
-    p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter", str(tmp_path / "nope")))
-    assert p.returncode == 2, p.stderr
-    assert "lora.init_adapter: cannot read" in p.stderr and "adapter_config.json" in p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()
+def test_a_missing_adapter_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):
+    assert_clean_error(run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--init-adapter",
+                                       str(tmp_path / "nope"))),
+                       "lora.init_adapter: cannot read", "adapter_config.json")
+    assert not (tmp_path / "x").exists()
 
 
-def test_an_adapter_of_another_base_model_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+def test_an_adapter_of_another_base_model_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -84,8 +79,6 @@ def test_an_adapter_of_another_base_model_is_one_line_exit_2(tmp_path, tiny_mode
         str(tmp_path / "other"))
     p = run_train(*base(tiny_model_dir, chat_file, tmp_path / "x", "--max-steps", "1",
                         "--init-adapter", str(tmp_path / "other")))
-    assert p.returncode == 2, p.stderr
-    assert f"adapter {tmp_path / 'other'} does not fit the base model: size mismatch for" in p.stderr
-    assert "Traceback" not in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip().startswith("error")]) == 1, p.stderr
+    assert_clean_error(p, f"adapter {tmp_path / 'other'} does not fit the base model: size mismatch for",
+                       last_line_only=True)  # after the run's preview
     assert not (tmp_path / "x").exists()

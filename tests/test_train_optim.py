@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_run import chat_file, common, run_train  # noqa: F401
-from test_train_support import tiny_model_dir  # noqa: F401
+from helpers.cli import assert_clean_error, ok
+from helpers.train import common, run_train
 from tunelab.config import validate_as
 from tunelab.errors import ConfigError
 from tunelab.train.config import OptimConfig
@@ -58,43 +58,37 @@ def lora_b_max(out) -> float:
     return max(v.abs().max().item() for k, v in w.items() if "lora_B" in k)
 
 
-def test_lr_scale_reaches_the_optimizer_through_the_cli(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
+def test_lr_scale_reaches_the_optimizer_through_the_cli(tmp_path, tiny_model_dir, chat_file):
     # lora_B starts at zero: with a vanishing lr it stays (almost) zero, with the plain lr it moves
     plain, frozen = tmp_path / "plain", tmp_path / "frozen"
-    p = run_train(*common(tiny_model_dir, chat_file, plain, "--max-steps", "3"))
-    assert p.returncode == 0, p.stderr
-    p = run_train(*common(tiny_model_dir, chat_file, frozen, "--max-steps", "3",
-                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]"))
-    assert p.returncode == 0, p.stderr
+    ok(run_train(*common(tiny_model_dir, chat_file, plain, "--max-steps", "3")))
+    ok(run_train(*common(tiny_model_dir, chat_file, frozen, "--max-steps", "3",
+                         "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]")))
     assert lora_b_max(plain) > 1e-3
     assert lora_b_max(frozen) < 1e-7
 
 
-def test_unmatched_group_through_the_cli_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):  # noqa: F811
-    p = run_train(*common(tiny_model_dir, chat_file, tmp_path / "x", "--max-steps", "1",
-                          "--set", "optim.param_groups=[{match: no_such_param}]"))
-    assert p.returncode == 2
-    assert "matches no trainable parameter" in p.stderr and "Traceback" not in p.stderr
+def test_unmatched_group_through_the_cli_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file):
+    assert_clean_error(run_train(*common(tiny_model_dir, chat_file, tmp_path / "x", "--max-steps", "1",
+                                         "--set", "optim.param_groups=[{match: no_such_param}]")),
+                       "matches no trainable parameter", last_line_only=True)  # after the run's preview
 
 
-def test_resume_takes_lr_scale_from_the_config_and_refuses_other_groups(tmp_path, tiny_model_dir,  # noqa: F811
-                                                                       chat_file):  # noqa: F811
+def test_resume_takes_lr_scale_from_the_config_and_refuses_other_groups(tmp_path, tiny_model_dir,
+                                                                       chat_file):
     out = tmp_path / "run"
     first = ["--max-steps", "2", "--checkpoint-every", "1"]
-    p = run_train(*common(tiny_model_dir, chat_file, out, *first,
-                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]"))
-    assert p.returncode == 0, p.stderr
+    p = ok(run_train(*common(tiny_model_dir, chat_file, out, *first,
+                             "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0e-9}]")))
     shutil.rmtree(out / "adapter")
     # a different split of the parameters: one clear line, exit 2, the checkpoint kept
-    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every", "1",
-                          "--set", "optim.param_groups=[]"), "--resume")
-    assert p.returncode == 2, p.stderr
-    assert "optim.param_groups" in p.stderr and "Traceback" not in p.stderr
+    assert_clean_error(run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every",
+                                         "1", "--set", "optim.param_groups=[]"), "--resume"),
+                       "optim.param_groups", last_line_only=True)
     assert (out / "checkpoints" / "latest").is_file()
     # the same split with another lr_scale: the config's value applies, as optim.lr's does
-    p = run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every", "1",
-                          "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0}]"), "--resume")
-    assert p.returncode == 0, p.stderr
+    p = ok(run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "2", "--checkpoint-every", "1",
+                             "--set", "optim.param_groups=[{match: lora_B, lr_scale: 1.0}]"), "--resume"))
     assert "resumed from step-000001" in p.stderr
     assert lora_b_max(out) > 1e-4
 

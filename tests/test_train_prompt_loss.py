@@ -9,9 +9,8 @@ import json
 import pytest
 import torch
 
-from test_train_collate import naive_loss, random_examples
-from test_train_run import chat_file, run_train  # noqa: F401
-from test_train_support import tiny_model_dir  # noqa: F401
+from helpers.cli import assert_clean_error, ok
+from helpers.train import naive_loss, random_examples, run_train
 from tunelab.config import validate_as
 from tunelab.train.collate import collate
 from tunelab.train.config import TrainConfig
@@ -60,15 +59,14 @@ def args(tiny, data, out, *extra: str) -> list[str]:
             "--set", "train.dtype=float32", *extra]
 
 
-def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training(tmp_path, tiny_model_dir,  # noqa: F811
-                                                                              chat_file):  # noqa: F811
+def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training(tmp_path, tiny_model_dir,
+                                                                              chat_file):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # one step over all 48 examples: its losses are the untrained (LoRA B = 0) base model's
     out = tmp_path / "pl"
-    p = run_train(*args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--batch-size", "48",
-                        "--micro-batch-size", "8", "--prompt-loss-weight", "0.5"))
-    assert p.returncode == 0, p.stderr
+    p = ok(run_train(*args(tiny_model_dir, chat_file, out, "--max-steps", "1", "--batch-size", "48",
+                           "--micro-batch-size", "8", "--prompt-loss-weight", "0.5")))
     assert "prompt loss: the other" in p.stderr                       # said in the preview
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     stats = json.loads((out / "report.json").read_text())["data"]
@@ -92,9 +90,8 @@ def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training
     adapters = {}
     for w in ("0", "1.0"):
         o = tmp_path / f"w{w}"
-        p = run_train(*args(tiny_model_dir, chat_file, o, "--max-steps", "2", "--batch-size", "8",
-                            "--micro-batch-size", "4", "--set", f"train.prompt_loss_weight={w}"))
-        assert p.returncode == 0, p.stderr
+        p = ok(run_train(*args(tiny_model_dir, chat_file, o, "--max-steps", "2", "--batch-size", "8",
+                               "--micro-batch-size", "4", "--set", f"train.prompt_loss_weight={w}")))
         rows = [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()]
         assert all(("prompt_loss" in r) == (w != "0") for r in rows)
         adapters[w] = load_file(str(o / "adapter" / "adapter_model.safetensors"))
@@ -108,9 +105,7 @@ def test_prompt_loss_through_the_cli_matches_plain_forwards_and_changes_training
     (["--method", "pretrain", "--prompt-loss-weight", "0.1"], "prompt_loss_weight is for SFT"),
     (["--set", "train.prompt_loss_weight=-1"], "train.prompt_loss_weight"),
 ])
-def test_bad_prompt_loss_weight_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, extra, message):  # noqa: F811
-    p = run_train("--model", str(tiny_model_dir), "--data", str(chat_file), "--out", str(tmp_path / "x"), *extra)
-    assert p.returncode == 2, p.stderr
-    assert message in p.stderr and "Traceback" not in p.stderr
-    assert len([ln for ln in p.stderr.splitlines() if ln.strip()]) == 1, p.stderr
+def test_bad_prompt_loss_weight_is_one_line_exit_2(tmp_path, tiny_model_dir, chat_file, extra, message):
+    assert_clean_error(run_train("--model", str(tiny_model_dir), "--data", str(chat_file), "--out",
+                                 str(tmp_path / "x"), *extra), message)
     assert not (tmp_path / "x").exists()

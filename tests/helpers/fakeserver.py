@@ -14,7 +14,7 @@ In a test::
 
 Standalone (the benchmark starts it this way, in its own process)::
 
-    python tests/fakeserver.py --latency 0.2      # prints {"url": ...} on one line, serves until stdin closes
+    python tests/helpers/fakeserver.py --latency 0.2      # prints {"url": ...} on one line, serves until stdin closes
 
 Behaviour per request, picked by the model name (``fake-label``, ``fake-math``, ``fake-instruct``,
 ``fake-echo``, ``fake-ok``) or, for any other name, from the prompt: a label set (``labels=``) that occurs in
