@@ -14,14 +14,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def bundled_model():
-    """The bundled SmolLM2-135M-Instruct, converted once (cached under $TUNELAB_CACHE or ~/.cache/tunelab)."""
-    from tunelab.models import load_model
-
-    return load_model(None)
-
-
-@pytest.fixture(scope="session")
 def tiny_llama():
     """A tiny random Llama (no tokenizer): fast model-level tests that need no weights file."""
     import torch
@@ -51,23 +43,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tiny_model_dir):
-    """The tiny model's tokenizer, loaded as the trainer loads it."""
-    from tunelab.train.tokenizer import load_tokenizer
-
-    return load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    """48 NSMC reviews as chat records (system prompt, review, label)."""
-    from helpers import write_jsonl
-    from helpers.train import chat_rows
-
-    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(48))
 
 
 def pytest_configure(config):
