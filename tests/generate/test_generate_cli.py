@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import EXAMPLES, read_jsonl, write_yaml
+from helpers import read_jsonl, write_yaml
 from helpers.cli import assert_clean_error, ok, tunelab_cmd
 from helpers.fakeserver import FakeServer, Fault
 from helpers.generate import (SENTINEL, assert_no_secret, env_for, generate_env, journaled, run_generate,
@@ -210,7 +210,7 @@ def test_key_from_named_env_var_or_file_never_leaks(tmp_path):
 
 def test_key_in_config_is_refused(tmp_path):
     cfg = write_yaml(tmp_path / "k.yaml", self_instruct_config("http://127.0.0.1:9/v1",
-                                                                 teacher={"api_key": SENTINEL}))
+                                                               teacher={"api_key": SENTINEL}))
     line = assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), "never put the API key", "k.yaml:")
     assert SENTINEL not in line
 
@@ -243,7 +243,7 @@ def test_malformed_seed_line(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n{"instruction": oops}\n')
     cfg = write_yaml(tmp_path / "s.yaml", self_instruct_config("http://127.0.0.1:9/v1",
-                                                                 self_instruct={"seed_tasks": str(seeds)}))
+                                                               self_instruct={"seed_tasks": str(seeds)}))
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), f"{seeds}:2", "malformed JSON")
 
 
@@ -268,17 +268,3 @@ def test_unreachable_endpoint_keeps_what_was_written(server, tmp_path):
     assert (out / "journal.jsonl").read_bytes() == journal_before
     assert (out / "data.jsonl").read_bytes() == data_before
 
-
-def test_example_config_validates():
-    from tunelab.generate.config import load_generate_config
-
-    from tunelab.prompts import load_prompt_spec
-
-    configs = [p for p in sorted((EXAMPLES / "generate").glob("*.yaml")) if not p.name.endswith(".prompt.yaml")]
-    assert len(configs) >= 3
-    for p in configs:
-        cfg = load_generate_config(p)
-        if cfg.prompt:
-            load_prompt_spec(p.parent / cfg.prompt)
-        if cfg.data:
-            assert (p.parent / cfg.data.path).is_file(), p

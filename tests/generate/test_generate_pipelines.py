@@ -98,7 +98,7 @@ def test_label_majority_vote_and_dedup(tmp_path):
                                               {"id": "c", "text": "별로다"}])
     with FakeServer(labels=LABELS) as srv:
         cfg = write_yaml(tmp_path / "l.yaml", label_config(srv.url, limit=10, data={"path": str(data)},
-                                                             sampling={"temperature": 0.8, "samples": 3}))
+                                                           sampling={"temperature": 0.8, "samples": 3}))
         ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     assert st["kept"] == 2 and st["dropped"]["by_reason"] == {"duplicate": 1}  # "좋다" and "좋다!" normalise alike
@@ -120,7 +120,7 @@ def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
     flaws = ["inconsistent", None, "bad", None]
     with FakeServer(answer_format="Answer: {n}", flaw_cycle=flaws) as srv:
         cfg = write_yaml(tmp_path / "g.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
-                                                           quality={"repair": 0}, teacher={"model": "fake-math"}))
+                                                         quality={"repair": 0}, teacher={"model": "fake-math"}))
         ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     by = st["dropped"]["by_reason"]
@@ -140,7 +140,7 @@ def test_respond_cot_checks_the_answer_against_the_reasoning(tmp_path):
     # The same with one repair re-ask: the flawed answers are asked again and come back consistent.
     with FakeServer(answer_format="Answer: {n}", flaw_cycle=flaws) as srv:
         cfg = write_yaml(tmp_path / "g2.yaml", gsm_config(srv.url, str(gsm), data={"limit": 12},
-                                                            quality={"repair": 1}, teacher={"model": "fake-math"}))
+                                                          quality={"repair": 1}, teacher={"model": "fake-math"}))
         ok(run_generate(cfg, "--out", str(tmp_path / "out2"), env=env_for(tmp_path)))
     st2 = stats(tmp_path / "out2")
     assert st2["kept"] == 12 and st2["requests"]["repairs_ok"] == st2["requests"]["repairs_asked"] == 6
@@ -152,7 +152,7 @@ def test_respond_require_correct_is_rejection_sampling(tmp_path):
     write_jsonl(data, [{"id": f"q{i}", "question": q, "answer": a} for i, (q, a) in enumerate(qs)])
     with FakeServer(answer_format="Answer: {n}") as srv:
         cfg = write_yaml(tmp_path / "g.yaml", gsm_config(srv.url, str(data), quality={"require_correct": True},
-                                                           teacher={"model": "fake-math"}))
+                                                         teacher={"model": "fake-math"}))
         ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
     st = stats(tmp_path / "out")
     assert st["kept"] == 2 and st["dropped"]["by_reason"] == {"wrong_answer": 1}
@@ -176,7 +176,7 @@ def test_malformed_data_line_and_duplicate_ids(tmp_path):
     data.write_text('{"id": "a", "text": "좋다"}\n{"id": "a", "text": "별로"}\n')
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), f"{data}:2", "duplicate id 'a'")
     cfg = write_yaml(tmp_path / "l.yaml", label_config("http://127.0.0.1:9/v1", limit=10,
-                                                         data={"path": str(tmp_path / "missing.jsonl")}))
+                                                       data={"path": str(tmp_path / "missing.jsonl")}))
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), "missing.jsonl")
 
 
