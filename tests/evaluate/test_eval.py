@@ -63,6 +63,9 @@ def test_generation_task_with_cot_and_samples(tmp_path, call_cache):
     for row in rows:
         assert row["raw_output"] is not None and row["completion_tokens"] <= 24
         assert row["correct"] in (True, False)
+    # the samples are samples (temperature 0.8), not one answer twice
+    outputs = {item: {r["raw_output"] for r in rows if r["item_id"] == item} for item in cell["pass_rate"]}
+    assert any(len(texts) == 2 for texts in outputs.values()), outputs
 
 
 def test_dry_run_runs_nothing(tmp_path, call_cache):

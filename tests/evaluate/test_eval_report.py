@@ -115,7 +115,8 @@ def test_report_without_gold_and_several_models(tmp_path):
     html = render_report(summary, rows, title="json")
     _check_common(html, ["json_a", "json_b"])
     assert "No gold answers" in html
-    assert "json_a @ m1" in html and f"json_b @ {MARKUP.replace('&', '&amp;').replace('<', '&lt;').replace('>', '&gt;')}" in html
+    escaped = MARKUP.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    assert "json_a @ m1" in html and f"json_b @ {escaped}" in html
     assert "1 of 2 cells did not comply" not in html and "2 of 4 cells did not comply" in html
     assert "{&#34;name&#34;: &#34;김&#34;}" in html  # JSON predictions shown as JSON, escaped
 

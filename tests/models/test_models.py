@@ -76,10 +76,17 @@ def test_score_choices_equals_plain_forward():
 
 
 def test_sampling_is_seeded(bundled_model):
-    p = GenerationParams(max_new_tokens=8, temperature=1.0, seed=3)
-    a = bundled_model.generate(PROMPTS[:1], p)[0].text
-    b = bundled_model.generate(PROMPTS[:1], p)[0].text
-    assert a == b
+    """The same seed gives the same text, and that text is sampled: other seeds give other texts, unlike greedy
+    decoding (at temperature 1 this model's answers vary widely)."""
+    def sample(seed: int) -> str:
+        params = GenerationParams(max_new_tokens=8, temperature=1.0, seed=seed)
+        return bundled_model.generate(PROMPTS[:1], params)[0].text
+
+    a = sample(3)
+    assert sample(3) == a
+    samples = {a, sample(4), sample(5)}
+    greedy = bundled_model.generate(PROMPTS[:1], GenerationParams(max_new_tokens=8))[0].text
+    assert len(samples) > 1 and samples != {greedy}, (samples, greedy)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

@@ -203,6 +203,10 @@ def test_n_seed_top_p_stop_and_logprobs(client):
     b = client.chat.completions.create(**kw)
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert [c.index for c in a.choices] == [0, 1, 2]
+    # ... and they are samples: the n choices differ, where temperature 0 gives the one greedy answer n times
+    assert len({c.message.content for c in a.choices}) > 1, a.choices
+    greedy = client.chat.completions.create(**{**kw, "temperature": 0})
+    assert len({c.message.content for c in greedy.choices}) == 1
     assert a.usage.completion_tokens > 0
 
     full = client.chat.completions.create(model=BASE, messages=PROMPTS[0], max_tokens=12, temperature=0)
