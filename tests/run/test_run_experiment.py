@@ -104,8 +104,12 @@ def test_summary_agrees_with_the_result_rows(first_run):
     assert cost["total_wall_s"] == pytest.approx(sum(c["wall_s"] for c in cost["stages"]), abs=0.05)
     assert cost["stages"][0]["tokens"] == sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows)
     assert cost["teacher_usd"] is None
-    assert s["verdict"]["text"].split(":")[0] in ("Tuning beat prompting", "Prompting beat tuning",
-                                                  "No significant difference between tuning and prompting")
+    # the verdict is the comparison's: significant on the Holm-adjusted p when there is one
+    sig = vb["significant"]
+    assert sig == ((vb["p_holm"] if vb["p_holm"] is not None else vb["p_value"]) < vb["alpha"])
+    want = ("Tuning beat prompting" if sig and vb["diff"]["value"] > 0 else "Prompting beat tuning" if sig
+            else "No significant difference between tuning and prompting")
+    assert s["verdict"]["text"].split(":")[0] == want
 
 
 def test_second_run_skips_every_stage(first_run, tmp_path):

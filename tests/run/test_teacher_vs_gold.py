@@ -152,8 +152,14 @@ def test_head_to_head_is_recomputed_from_the_rows(tvg_run):
     diff = (sum(right["teacher"].values()) - sum(right["gold"].values())) / N
     assert pair["diff"]["value"] == pytest.approx(diff)
     assert "teacher vs gold" in (out / "report.html").read_text(encoding="utf-8")
-    assert ("teacher beats gold" in tvg_run["p"].stdout or "teacher vs gold" in tvg_run["p"].stdout
-            or "teacher is worse than gold" in tvg_run["p"].stdout)
+    # the sentence printed says what the numbers say
+    assert pair["significant"] == ((pair["p_holm"] if pair["p_holm"] is not None else pair["p_value"]) < pair["alpha"])
+    d = pair["diff"]["value"] * 100
+    if pair["significant"]:
+        want = f"teacher {'beats' if d > 0 else 'is worse than'} gold by {abs(d):.1f} points ({d:+.1f} ["
+    else:
+        want = f"teacher vs gold: {d:+.1f} points ["
+    assert want in tvg_run["p"].stdout, tvg_run["p"].stdout[-2000:]
 
 
 def test_the_key_is_nowhere(tvg_run):

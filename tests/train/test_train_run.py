@@ -23,7 +23,8 @@ def test_lora_quick_form_leaves_a_peft_adapter_and_a_report(tmp_path, tiny_model
     out = tmp_path / "run"
     probe = EXAMPLES / "data" / "self_instruct_probe_64.jsonl"
     p = ok(run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "3", "--forgetting", str(probe))))
-    assert "⟦Negative<|im_end|>⟧" in p.stderr or "⟦Positive<|im_end|>⟧" in p.stderr  # the preview
+    first = reviews(1)[0]  # the preview: the first example with its supervised tokens marked
+    assert f"{first['text']}<|im_end|>" in p.stderr and f"⟦{first['label']}<|im_end|>⟧" in p.stderr
     assert "end-of-turn '<|im_end|>' is supervised: ok" in p.stderr
     adapter = out / "adapter"
     for f in ("adapter_config.json", "adapter_model.safetensors", "chat_template.jinja", "tunelab_train.json"):
@@ -185,7 +186,6 @@ def test_merge_writes_hf_dir_and_checks_greedy_equality(tmp_path, tiny_model_dir
     # A merge that changed behaviour must fail loudly: merge into a different base than the adapter's.
     other = tmp_path / "other-base"
     shutil.copytree(tiny_model_dir, other)
-    import torch
     from safetensors.torch import load_file, save_file
 
     w = load_file(str(other / "model.safetensors"))
@@ -208,7 +208,6 @@ def test_merge_writes_hf_dir_and_checks_greedy_equality(tmp_path, tiny_model_dir
     finally:
         merge_mod.greedy = real_greedy
     assert json.loads((tmp_path / "bad" / "merge_check.json").read_text())["identical"] is False
-    assert torch  # noqa
 
 
 def test_full_and_pretrain_save_complete_hf_dirs(tmp_path, tiny_model_dir, chat_file):
