@@ -52,7 +52,7 @@ def test_macro_f1_and_per_label_hand():
     assert pl["neu"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
     # a label absent from gold and predictions is not averaged in
     assert macro_f1(["pos", "neg"], ["pos", "neg"], LABELS) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the same length"):
         macro_f1(["pos"], [], LABELS)
 
 
@@ -103,7 +103,7 @@ def test_summarize_no_gold_and_json_task():
     assert s["metrics"]["json_valid"]["value"] == pytest.approx(8 / 12)
     assert s["metrics"]["schema_valid"] == s["metrics"]["compliance"]
     assert s["metrics"]["compliance"]["value"] == pytest.approx(6 / 12)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one result row"):
         summarize_cell([], "json", None)
 
 

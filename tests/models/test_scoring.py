@@ -61,5 +61,5 @@ def test_identical_prompts_keep_one_token_of_their_own(tiny_llama):
 
 
 def test_empty_choice_rejected(tiny_llama):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="every choice needs at least one token"):
         PrefixScorer(tiny_llama).score([[1, 2]], [[3], []])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import EXAMPLES, write_jsonl
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, DataError, TunelabError
 from tunelab.prompts import (PromptSpec, load_prompt_spec, parse_free, parse_json, parse_label, parse_number,
                              parse_sections, spec_from_dict)
 
@@ -166,7 +166,7 @@ def test_unknown_template_filter_is_a_spec_error():
 
 def test_template_sandbox_blocks_unsafe_attributes():
     s = spec(input_template="{{ text.__class__.__mro__ }}")
-    with pytest.raises(TunelabError):
+    with pytest.raises(DataError, match="access to attribute '__class__' of 'str' object is unsafe"):
         s.render_input({"text": "x"})
 
 

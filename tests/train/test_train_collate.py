@@ -124,7 +124,8 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
     for packing, ac, attn in ((True, False, "auto"), (False, False, "varlen"), (True, True, "varlen"),
                               (True, False, "mask")):
         cfg = TrainConfig.model_validate({
-            "model": str(tiny_model_dir), "out": str(tmp_path / f"out-{packing}-{ac}-{attn}"), "data": {"path": str(data)},
+            "model": str(tiny_model_dir), "out": str(tmp_path / f"out-{packing}-{ac}-{attn}"),
+            "data": {"path": str(data)},
             "optim": {"lr": 1e-2}, "lora": {"r": 4},
             "train": {"max_steps": 3, "batch_size": 8, "micro_batch_size": 4, "packing": packing, "pack_len": 256,
                       "dtype": "float32", "activation_checkpointing": ac, "attention": attn}})
