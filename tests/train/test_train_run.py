@@ -42,9 +42,15 @@ def test_lora_quick_form_leaves_a_peft_adapter_and_a_report(tmp_path, tiny_model
     assert rep["peak_rss_gb"] > 0 and rep["mfu"]["flops_per_token"] > 0
     assert rep["forgetting"]["perplexity_before"] > 1 and "perplexity_after" in rep["forgetting"]
     assert (out / "report.html").read_text().count("<svg") == 1
-    # Several adapters over one base: load a second one beside the first.
-    model.load_adapter(str(adapter), adapter_name="second")
-    model.set_adapter("second")
+    # Several adapters over one base: a second copy loaded beside the first answers as the first, not as the base.
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        model.load_adapter(str(adapter), adapter_name="second")
+        model.set_adapter("second")
+        assert torch.equal(model(ids).logits, logits)
+        with model.disable_adapter():
+            assert not torch.allclose(model(ids).logits, logits)
 
 
 def test_lora_with_trained_embeddings_saves_them_in_the_adapter(tmp_path, tiny_model_dir, chat_file):
@@ -266,10 +272,10 @@ def test_bundled_model_smoke(tmp_path):
     assert all(h["loss"] == h["loss"] for h in rep["history"])
     from tunelab.models.local import LocalModel
 
-    m = LocalModel(None, adapter=out / "adapter")
     msgs = chat_rows(1)[0]["messages"][:-1]
-    scores = m.score_choices([msgs], ["Positive", "Negative"])
-    assert len(scores[0].logprobs) == 2
+    tuned = LocalModel(None, adapter=out / "adapter").score_choices([msgs], ["Positive", "Negative"])[0]
+    base = LocalModel(None).score_choices([msgs], ["Positive", "Negative"])[0]
+    assert len(tuned.logprobs) == 2 and tuned.logprobs != base.logprobs  # the adapter is applied
 
 
 @needs_chromium
