@@ -1,4 +1,5 @@
-"""benchmarks/nsmc_baseline.py: the lexical yardstick fits, pairs with a trained model's eval rows, rejects bad input."""
+"""benchmarks/nsmc_baseline.py: the lexical yardstick fits, pairs with a trained model's eval rows, rejects bad
+input."""
 
 from __future__ import annotations
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from helpers import read_jsonl, write_yaml
-from helpers.cli import assert_clean_error, ok, tunelab_cmd
+from helpers.cli import assert_clean_error, ok
 from helpers.fakeserver import FakeServer, Fault
-from helpers.generate import (SENTINEL, assert_no_secret, env_for, generate_env, journaled, run_generate,
-                              self_instruct_config, stats)
-from helpers.processes import free_port, sigkill_when
+from helpers.generate import SENTINEL, assert_no_secret, env_for, kill_and_rerun, run_generate, self_instruct_config, \
+    stats
+from helpers.processes import free_port
 
 
 def strip(rows: list[dict]) -> list[dict]:
@@ -77,18 +77,11 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(reference, tmp_path):
     with FakeServer(latency=0.15) as srv:
         cfg = write_yaml(tmp_path / "si.yaml", self_instruct_config(srv.url, teacher={"concurrency": 2}))
         out = tmp_path / "out"
-        env = env_for(tmp_path)
-        journal = out / "journal.jsonl"
-        sigkill_when(tunelab_cmd("generate", cfg, "--out", out, "--no-cache"), journaled(journal, 5),
-                     env=generate_env(env), timeout=60)
-        done_before = journal.read_bytes().count(b"\n")
-        assert not (out / "data.jsonl").exists()
-        r = run_generate(cfg, "--out", str(out), "--no-cache", env=env)
-        ok(r)
+        done_before = kill_and_rerun(cfg, out, env_for(tmp_path), entries=5)
         served = srv.stats()["completions"]
     st = stats(out)
     assert st["requests"]["from_journal"] == done_before
-    keys = [e["key"] for e in read_jsonl(journal)]
+    keys = [e["key"] for e in read_jsonl(out / "journal.jsonl")]
     assert len(keys) == len(set(keys)), "a request was journaled twice"
     rows = read_jsonl(out / "data.jsonl")
     assert strip(rows) == strip(reference[0])  # 0 lost, 0 duplicated, same order
@@ -241,7 +234,8 @@ def test_unknown_config_field_names_file_line_and_field(tmp_path):
 
 def test_malformed_seed_line(tmp_path):
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n{"instruction": oops}\n')
+    seeds.write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n'
+                     '{"instruction": oops}\n')
     cfg = write_yaml(tmp_path / "s.yaml", self_instruct_config("http://127.0.0.1:9/v1",
                                                                self_instruct={"seed_tasks": str(seeds)}))
     assert_clean_error(run_generate(cfg, env=env_for(tmp_path)), f"{seeds}:2", "malformed JSON")

@@ -7,11 +7,9 @@ import json
 import pytest
 
 from helpers import EXAMPLES, read_jsonl, write_jsonl, write_yaml
-from helpers.cli import assert_clean_error, ok, tunelab_cmd
+from helpers.cli import assert_clean_error, ok
 from helpers.fakeserver import FakeServer, Fault, label_for, math_answer
-from helpers.generate import (assert_no_secret, env_for, generate_env, journaled, run_generate, stats,
-                              with_overrides)
-from helpers.processes import sigkill_when
+from helpers.generate import assert_no_secret, env_for, kill_and_rerun, run_generate, stats, with_overrides
 from tunelab.prompts import load_prompt_spec
 
 NSMC = EXAMPLES / "data" / "nsmc_three_dev_300.jsonl"
@@ -73,20 +71,14 @@ def test_label_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path):
         cfg = write_yaml(tmp_path / "label.yaml", label_config(
             srv.url, limit=n, teacher={"concurrency": conc}, quality={"dedup": "none"}))
         out = tmp_path / "out"
-        env = env_for(tmp_path)
-        journal = out / "journal.jsonl"
-        sigkill_when(tunelab_cmd("generate", cfg, "--out", out, "--no-cache"), journaled(journal, 12),
-                     env=generate_env(env), timeout=60)
-        done_before = journal.read_bytes().count(b"\n")
+        done_before = kill_and_rerun(cfg, out, env_for(tmp_path), entries=12)
         assert 12 <= done_before < n
-        r = run_generate(cfg, "--out", str(out), "--no-cache", env=env)
-        ok(r)
         served = srv.stats()["completions"]
     rows = read_jsonl(out / "data.jsonl")
     ids = [r["id"] for r in rows]
     assert ids == [it["id"] for it in items]  # 0 lost, 0 duplicated, input order
     assert all(r["label"] == label_for(spec.render(it), LABELS) for r, it in zip(rows, items))
-    keys = [e["key"] for e in read_jsonl(journal)]
+    keys = [e["key"] for e in read_jsonl(out / "journal.jsonl")]
     assert len(keys) == len(set(keys)) == n
     st = stats(out)
     assert st["requests"]["from_journal"] == done_before and st["requests"]["fetched"] == n - done_before

@@ -410,7 +410,8 @@ class FakeServer:
                 if km not in self._flaws:
                     self._flaws[km] = self.flaw_cycle[len(self._flaws) % len(self.flaw_cycle)]
                 flaw = self._flaws[km]
-        if not repair and mode != "ok" and (flaw == "bad" or (self.wrong_rate and _frac("wrong", km) < self.wrong_rate)):
+        wrong = self.wrong_rate and _frac("wrong", km) < self.wrong_rate
+        if not repair and mode != "ok" and (flaw == "bad" or wrong):
             return BAD_ANSWER
         if self.answer_fn is not None and (text := self.answer_fn(model, km)) is not None:
             return text

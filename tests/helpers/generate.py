@@ -7,10 +7,11 @@ import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from helpers import EXAMPLES
-from helpers.cli import run_cli
+from helpers.cli import ok, run_cli, tunelab_cmd
+from helpers.processes import sigkill_when
 
 SENTINEL = "sk-SENTINEL-d41d8cd98f00b204e980"  # a fake API key that must never appear in any output
 
@@ -60,9 +61,20 @@ def run_generate(config: Path, *args: str, env: dict, cwd: Path | None = None,
     return run_cli("generate", config, *args, env=generate_env(env), cwd=cwd, timeout=timeout)
 
 
-def journaled(journal: Path, n: int) -> Callable[[], bool]:
-    """A ``sigkill_when`` condition: the journal holds at least ``n`` entries."""
-    return lambda: journal.exists() and journal.read_bytes().count(b"\n") >= n
+def kill_and_rerun(config: Path, out: Path, env: dict, entries: int) -> int:
+    """SIGKILL `tunelab generate CONFIG --out OUT --no-cache` once its journal holds ``entries`` answers (before it
+    wrote any data), then run it again to its end. Returns how many answers the killed run had journaled."""
+    journal = out / "journal.jsonl"
+
+    def journaled() -> bool:
+        return journal.exists() and journal.read_bytes().count(b"\n") >= entries
+
+    sigkill_when(tunelab_cmd("generate", config, "--out", out, "--no-cache"), journaled, env=generate_env(env),
+                 timeout=60)
+    done = journal.read_bytes().count(b"\n")
+    assert not (out / "data.jsonl").exists()
+    ok(run_generate(config, "--out", str(out), "--no-cache", env=env))
+    return done
 
 
 def stats(out: Path) -> dict:

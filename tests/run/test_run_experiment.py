@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
@@ -27,6 +28,12 @@ def first_run(tiny_model_dir, tmp_path_factory):
     out = d / "out"
     p = ok(run_cli("run", exp, "--out", out, env=run_env(d)))
     return exp, out, p, d
+
+
+@pytest.fixture()
+def copy(first_run, tmp_path) -> Path:
+    """A copy of the first run's folder, for a test that runs on in it."""
+    return Path(shutil.copytree(first_run[1], tmp_path / "out"))
 
 
 def test_run_folder_holds_every_artifact(first_run):
@@ -112,10 +119,8 @@ def test_summary_agrees_with_the_result_rows(first_run):
     assert s["verdict"]["text"].split(":")[0] == want
 
 
-def test_second_run_skips_every_stage(first_run, tmp_path):
+def test_second_run_skips_every_stage(first_run, copy):
     exp, out, _, d = first_run
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
     before = state(copy)
     p = ok(run_cli("run", exp, "--out", copy, env=run_env(d)))
     assert actions(copy) == {k: ("done", "cached") for k in STAGES}
@@ -129,10 +134,8 @@ def test_second_run_skips_every_stage(first_run, tmp_path):
     assert s1["prompts"] == s0["prompts"] and s1["methods"] == s0["methods"]
 
 
-def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, tiny_model_dir, tmp_path):
+def test_changing_the_lora_lr_redoes_only_train_and_what_reads_it(first_run, copy, tiny_model_dir, tmp_path):
     _, out, _, d = first_run
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
     changed = experiment(tiny_model_dir, serve={"mode": "smoke", "max_tokens": 4})
     changed["train"][0]["optim"]["lr"] = 1.0e-3
     exp2 = write_yaml(tmp_path / "exp.yaml", changed)
@@ -175,10 +178,8 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     assert "resumed" in p.stdout
 
 
-def test_force_and_only_select_stages(first_run, tmp_path):
-    exp, out, _, d = first_run
-    copy = tmp_path / "out"
-    shutil.copytree(out, copy)
+def test_force_and_only_select_stages(first_run, copy):
+    exp, _, _, d = first_run
     ok(run_cli("run", exp, "--out", copy, "--only", "eval", "--force", "eval", env=run_env(d)))
     assert actions(copy) == {"eval": ("done", "ran"), "train/lora": ("done", "skipped"),
                              "eval_after": ("done", "skipped"), "serve": ("done", "skipped")}

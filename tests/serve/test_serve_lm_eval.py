@@ -37,17 +37,7 @@ metric_list:
 """
 
 
-@pytest.fixture()
-def one_torch_thread():
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def test_lm_eval_local_completions_matches_in_process_hf(tmp_path, monkeypatch, one_torch_thread):
+def test_lm_eval_local_completions_matches_in_process_hf(tmp_path, monkeypatch):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
