@@ -1,6 +1,6 @@
 """How much faster is `tunelab generate`'s concurrent teacher client than a sequential loop?
 
-200 chat requests against the fault-free fake OpenAI-compatible server (tests/fakeserver.py, started in its
+200 chat requests against the fault-free fake OpenAI-compatible server (tests/helpers/fakeserver.py, started in its
 own process) answering after 200 ms; the same engine (client, retries, budget, journal with fsync) runs them
 one at a time and then 32 at a time. Target: a speed-up >= 25x at concurrency 32 (the ideal is 200 / 7 waves
 = 28.6x). The overhead per request is the sequential time per request minus the server's 200 ms.
@@ -37,7 +37,8 @@ from tunelab.generate.journal import Journal, request_key  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+    server = ROOT / "tests" / "helpers" / "fakeserver.py"
+    proc = subprocess.Popen([sys.executable, str(server), "--latency", str(latency)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     return proc, json.loads(line)["url"]

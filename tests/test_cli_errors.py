@@ -1,19 +1,9 @@
 """Bad input: one clear line on stderr, exit code 2, no traceback."""
 
-import json
-
 import pytest
 
-from conftest import EXAMPLES, run_cli
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+from helpers import EXAMPLES, write_jsonl
+from helpers.cli import assert_clean_error, run_cli
 
 
 def test_missing_config_file(tmp_path):
@@ -50,9 +40,8 @@ def test_missing_data_file(tmp_path):
 
 
 def test_label_outside_label_set(tmp_path):
-    data = tmp_path / "d.jsonl"
-    rows = [{"id": "a", "text": "좋다", "label": "Positive"}, {"id": "b", "text": "별로", "label": "Bad"}]
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "좋다", "label": "Positive"},
+                                              {"id": "b", "text": "별로", "label": "Bad"}])
     r = run_cli("eval", "--prompt", str(EXAMPLES / "prompts/sentiment_fewshot.yaml"), "--data", str(data),
                 "--out", str(tmp_path / "out"))
     assert_clean_error(r, f"{data}:2", "'Bad'", "label set")
@@ -89,4 +78,4 @@ def test_help_everywhere(cmd):
 def test_command_line_mistakes_are_one_line(args, needles):
     """typer's own usage errors (an unknown command or option, a value outside the config field's bounds) are one
     `error:` line too, naming the command and where its help is, not a framed box."""
-    assert_clean_error(run_cli(*args), "error: ", *needles)
+    assert_clean_error(run_cli(*args), *needles)

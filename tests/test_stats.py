@@ -25,9 +25,9 @@ def test_wilson_edges_and_confidence():
     l95, h95 = wilson_interval(30, 100)
     l99, h99 = wilson_interval(30, 100, confidence=0.99)
     assert l99 < l95 < 0.3 < h95 < h99
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="need 0 <= successes <= n"):
         wilson_interval(11, 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"confidence must be in \(0, 1\)"):
         wilson_interval(1, 10, confidence=1.5)
 
 
@@ -117,7 +117,7 @@ def test_paired_bootstrap_diff():
     assert 0 < d.low < d.value < d.high
     same = paired_bootstrap_diff(a, a)
     assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="the same length"):
         paired_bootstrap_diff([0.1, 0.2], [0.1])
 
 

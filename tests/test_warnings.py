@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 # The texts the libraries really raise, with the module they are raised from.
 KNOWN = [
