@@ -1,7 +1,7 @@
 """How much faster is `tunelab generate`'s concurrent teacher client than a sequential loop?
 
 200 chat requests against the fault-free fake OpenAI-compatible server (tests/helpers/fakeserver.py, started in its
-own process) answering after 200 ms; the same engine (client, retries, budget, journal with fsync) runs them
+own process) answering after 200 ms; the same resolver (client, retries, budget, journal with fsync) runs them
 one at a time and then 32 at a time. Target: a speed-up >= 25x at concurrency 32 (the ideal is 200 / 7 waves
 = 28.6x). The overhead per request is the sequential time per request minus the server's 200 ms.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from tunelab.generate.client import TeacherClient  # noqa: E402
 from tunelab.generate.config import BudgetConfig, TeacherConfig  # noqa: E402
-from tunelab.generate.engine import Engine, Request  # noqa: E402
+from tunelab.generate.resolver import Resolver, Request  # noqa: E402
 from tunelab.generate.journal import Journal, request_key  # noqa: E402
 
 
@@ -57,16 +57,16 @@ def make_requests(n: int, tag: str) -> list[Request]:
 async def run_once(url: str, n: int, concurrency: int, workdir: Path, tag: str) -> tuple[float, int]:
     cfg = TeacherConfig(model="fake-ok", base_url=url, concurrency=concurrency, timeout_s=30, max_retries=2)
     journal = Journal(workdir / f"journal-{tag}.jsonl")
-    engine = Engine(journal=journal, model=cfg.model, endpoint=url, mode="online",
+    resolver = Resolver(journal=journal, model=cfg.model, endpoint=url, mode="online",
                     client_factory=lambda: TeacherClient(cfg, api_key="sk-bench"), budget=BudgetConfig(),
                     price=None, concurrency=concurrency, cache=None)
     reqs = make_requests(n, tag)
     # One warm-up request outside the timing (connection set-up, imports).
-    await engine.resolve(make_requests(1, tag + "-warm"))
+    await resolver.resolve(make_requests(1, tag + "-warm"))
     t0 = time.perf_counter()
-    answers = await engine.resolve(reqs)
+    answers = await resolver.resolve(reqs)
     wall = time.perf_counter() - t0
-    await engine.aclose()
+    await resolver.aclose()
     journal.close()
     return wall, len(answers)
 

@@ -8,7 +8,7 @@ from helpers.fakeserver import FakeServer, Fault
 from helpers.processes import free_port
 from tunelab.generate.client import RequestFailed, TeacherClient, TeacherFatal, parse_retry_after
 from tunelab.generate.config import BudgetConfig, TeacherConfig
-from tunelab.generate.engine import Engine, Request
+from tunelab.generate.resolver import Resolver, Request
 from tunelab.generate.journal import Journal, request_key
 
 KEY = "sk-test-SENTINEL-0123456789"
@@ -105,7 +105,7 @@ def test_engine_budget_stops_cleanly(tmp_path):
 
         async def go():
             j = Journal(tmp_path / "j.jsonl")
-            eng = Engine(journal=j, model=cfg.model, endpoint=srv.url, mode="online",
+            eng = Resolver(journal=j, model=cfg.model, endpoint=srv.url, mode="online",
                          client_factory=lambda: TeacherClient(cfg, api_key=KEY),
                          budget=BudgetConfig(max_requests=7), price=None, concurrency=4)
             reqs = [Request(key=request_key(pipeline="t", prompt_hash="p", messages=msgs(i), model=cfg.model,

@@ -3,7 +3,7 @@
 import json
 from types import SimpleNamespace
 
-from tunelab.generate.engine import Request
+from tunelab.generate.resolver import Request
 from tunelab.generate.export import contamination_check, ingest_batch_results, write_batch_input
 from tunelab.generate.journal import Journal
 from tunelab.generate.pipelines import parse_tasks

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from tunelab.data.io import read_records, write_jsonl
 from tunelab.errors import DataError
-from tunelab.generate.engine import Request, answer_entry
+from tunelab.generate.resolver import Request, answer_entry
 from tunelab.generate.journal import Journal
 from tunelab.generate.quality import Drops, normalize, tokens
 from tunelab.results import write_json

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from tunelab.errors import DataError, TunelabError
 from tunelab.evaluate.cache import stable_hash
 from tunelab.generate.config import GenerateConfig
-from tunelab.generate.engine import Answer, Engine, Request
+from tunelab.generate.resolver import Answer, Resolver, Request
 from tunelab.generate.journal import request_key
 from tunelab.generate.quality import (Drops, dup_reason, instruction_problem, json_schema_errors, make_dedup,
                                       reasoning_agrees, same_number)
@@ -84,10 +84,10 @@ REPAIR_MESSAGE = ("That answer could not be used: {detail}. Answer the same requ
 class Pipeline:
     name = "base"
 
-    def __init__(self, cfg: GenerateConfig, engine: Engine, *, spec: Any = None, prompt_hash: str = "",
+    def __init__(self, cfg: GenerateConfig, resolver: Resolver, *, spec: Any = None, prompt_hash: str = "",
                  items: list[dict] | None = None, ids: list[str] | None = None, data_path: str = ""):
         self.cfg = cfg
-        self.engine = engine
+        self.resolver = resolver
         self.spec = spec
         self.prompt_hash = prompt_hash
         self.items = items or []
@@ -131,12 +131,12 @@ class Pipeline:
         outcomes = [Outcome("pending", first_key=r.key, sample=r.sample) for r in reqs]
         cur = dict(enumerate(reqs))
         for attempt in range(self.cfg.quality.repair + 1):
-            answers = await self.engine.resolve(list(cur.values()))
+            answers = await self.resolver.resolve(list(cur.values()))
             nxt: dict[int, Request] = {}
             for i, req in cur.items():
                 a = answers.get(req.key)
                 if a is None:
-                    outcomes[i].status = "failed" if req.key in self.engine.failed_keys else "pending"
+                    outcomes[i].status = "failed" if req.key in self.resolver.failed_keys else "pending"
                     continue
                 outcomes[i].answers.append(a)
                 c = check(i, a)
@@ -161,7 +161,7 @@ class Pipeline:
     def provenance(self, o: Outcome) -> dict[str, Any]:
         a = o.answers[-1]
         return {"pipeline": self.name, "teacher": self.cfg.teacher.model, "response_model": a.model or None,
-                "endpoint": "openai-batch-api" if a.source == "batch" else (a.endpoint or self.engine.endpoint),
+                "endpoint": "openai-batch-api" if a.source == "batch" else (a.endpoint or self.resolver.endpoint),
                 "prompt_hash": self.prompt_hash, "request_key": o.first_key, "time": a.time,
                 "sampling": self.params(o.sample), "source": a.source, "repairs": len(o.answers) - 1}
 
@@ -530,7 +530,7 @@ class SelfInstructPipeline(Pipeline):
         pending = candidates = 0
         rounds = 0
         for rnd in range(si.max_rounds):
-            if len(kept) >= si.num_instructions or self.engine.stopped:
+            if len(kept) >= si.num_instructions or self.resolver.stopped:
                 break
             rounds += 1
             reqs = []

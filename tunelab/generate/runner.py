@@ -27,7 +27,7 @@ from tunelab.errors import ConfigError, DataError, ModelError
 from tunelab.evaluate.cache import CallCache, stable_hash
 from tunelab.generate.client import TeacherClient, TeacherFatal, estimate_tokens, redact_url, resolve_key
 from tunelab.generate.config import GenerateConfig, Price, field_line, load_generate_config
-from tunelab.generate.engine import Engine
+from tunelab.generate.resolver import Resolver
 from tunelab.generate.export import (contamination_check, ingest_batch_results, latency_summary, write_batch_input,
                                      write_outputs)
 from tunelab.generate.journal import Journal
@@ -186,18 +186,18 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
             except ModelError as e:
                 raise ConfigError(e.message, where=_where(config_path, "teacher")) from None
 
-        engine = Engine(journal=journal, model=cfg.teacher.model, endpoint=endpoint, mode=mode,
+        resolver = Resolver(journal=journal, model=cfg.teacher.model, endpoint=endpoint, mode=mode,
                         client_factory=client_factory, budget=cfg.budget, price=price,
                         concurrency=cfg.teacher.concurrency, cache=cache, progress=opts.progress)
         kw = dict(spec=spec, prompt_hash=prompt_hash, items=items, ids=ids, data_path=data_path)
-        pipeline = (SelfInstructPipeline(cfg, engine, seeds=seeds, **kw) if cfg.pipeline == "self-instruct"
-                    else PIPELINES[cfg.pipeline](cfg, engine, **kw))
+        pipeline = (SelfInstructPipeline(cfg, resolver, seeds=seeds, **kw) if cfg.pipeline == "self-instruct"
+                    else PIPELINES[cfg.pipeline](cfg, resolver, **kw))
         t0 = time.perf_counter()
-        result = asyncio.run(_run(pipeline, engine, config_path))
+        result = asyncio.run(_run(pipeline, resolver, config_path))
         wall = time.perf_counter() - t0
 
         if opts.dry_run:
-            return _dry_run_summary(cfg, engine, price, result)
+            return _dry_run_summary(cfg, resolver, price, result)
 
         rows = result.rows
         contamination = None
@@ -211,12 +211,12 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
                 rows = [r for i, r in enumerate(rows) if i not in hits]
         paths = write_outputs(out_dir, rows, formats=cfg.output.formats, provenance=cfg.output.provenance)
         batch_files: list[str] = []
-        if opts.batch_api and engine.pending:
-            batch_files = write_batch_input(out_dir, engine.pending, cfg.teacher.model, cfg.teacher.extra_body)
+        if opts.batch_api and resolver.pending:
+            batch_files = write_batch_input(out_dir, resolver.pending, cfg.teacher.model, cfg.teacher.extra_body)
         elif opts.batch_api:
             for old in out_dir.glob("batch_input*.jsonl"):
                 old.unlink()
-        stats = _stats(cfg, config_path, engine, pipeline, result, rows, price, wall, paths, contamination,
+        stats = _stats(cfg, config_path, resolver, pipeline, result, rows, price, wall, paths, contamination,
                        ingested, batch_files, len(items) if items else None)
         stats.write(out_dir / "stats.json")
         return stats
@@ -228,13 +228,13 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
             scratch.cleanup()
 
 
-async def _run(pipeline: Any, engine: Engine, config_path: Path) -> PipelineResult:
+async def _run(pipeline: Any, resolver: Resolver, config_path: Path) -> PipelineResult:
     try:
         return await pipeline.run()
     except TeacherFatal as e:
         raise TeacherFatal(e.message, where=_where(config_path, "teacher", "base_url")) from None
     finally:
-        await engine.aclose()
+        await resolver.aclose()
 
 
 def _where(config_path: Path, *loc: str) -> str:
@@ -255,9 +255,9 @@ def _env_base_url() -> str | None:
     return os.environ.get("OPENAI_BASE_URL") or None
 
 
-def _dry_run_summary(cfg: GenerateConfig, engine: Engine, price: Price | None,
+def _dry_run_summary(cfg: GenerateConfig, resolver: Resolver, price: Price | None,
                      result: PipelineResult) -> GenerateDryRun:
-    reqs = engine.pending
+    reqs = resolver.pending
     p = sum(estimate_tokens(r.messages) for r in reqs)
     c = sum(int(r.params.get("max_tokens") or 0) for r in reqs)
     note = None
@@ -265,42 +265,42 @@ def _dry_run_summary(cfg: GenerateConfig, engine: Engine, price: Price | None,
         note = ("self-instruct runs in rounds; this is the first round only: expect about "
                 f"{cfg.self_instruct.num_instructions // max(1, cfg.self_instruct.tasks_per_request // 2)} requests "
                 "in all (half the asked-for tasks kept)")
-    return GenerateDryRun(pipeline=cfg.pipeline, teacher=cfg.teacher.model, endpoint=engine.endpoint,
-                          requests_to_send=len(reqs), already_done=engine.counts.resumed, prompt_tokens_est=p,
-                          max_completion_tokens=c, max_cost_usd=round(engine.cost(p, c), 6) if price else None,
+    return GenerateDryRun(pipeline=cfg.pipeline, teacher=cfg.teacher.model, endpoint=resolver.endpoint,
+                          requests_to_send=len(reqs), already_done=resolver.counts.resumed, prompt_tokens_est=p,
+                          max_completion_tokens=c, max_cost_usd=round(resolver.cost(p, c), 6) if price else None,
                           note=note)
 
 
-def _stats(cfg, config_path, engine: Engine, pipeline, result: PipelineResult, rows, price, wall, paths,
+def _stats(cfg, config_path, resolver: Resolver, pipeline, result: PipelineResult, rows, price, wall, paths,
            contamination, ingested, batch_files, n_inputs) -> GenerateStats:
-    used = list(engine.used.values())
+    used = list(resolver.used.values())
     billed = [a for a in used if a.source in ("api", "batch")]
     ptok = sum(a.prompt_tokens for a in billed)
     ctok = sum(a.completion_tokens for a in billed)
-    cost = sum(engine.cost(a.prompt_tokens, a.completion_tokens, batch=a.source == "batch") for a in billed) \
+    cost = sum(resolver.cost(a.prompt_tokens, a.completion_tokens, batch=a.source == "batch") for a in billed) \
         if price else None
-    client = engine.client
+    client = resolver.client
     return GenerateStats.model_validate({
         "name": cfg.name, "pipeline": cfg.pipeline, "config": str(config_path), "tunelab": __version__,
-        "teacher": {"model": cfg.teacher.model, "endpoint": engine.endpoint,
+        "teacher": {"model": cfg.teacher.model, "endpoint": resolver.endpoint,
                     "price_per_1m": price.model_dump() if price else None},
         "sampling": cfg.sampling.model_dump(),
         "inputs": n_inputs,
         "kept": len(rows),
         "dropped": result.drops.as_dict(),
         "pending": result.pending,
-        "stopped": engine.stopped if engine.stopped not in ("batch", None) else None,
-        "requests": {"answers_used": len(used), "from_journal": engine.counts.resumed,
-                     "from_cache": engine.counts.cached, "fetched": engine.counts.fetched,
-                     "failed": dict(engine.counts.failed), "http_sent": client.stats.sent if client else 0,
+        "stopped": resolver.stopped if resolver.stopped not in ("batch", None) else None,
+        "requests": {"answers_used": len(used), "from_journal": resolver.counts.resumed,
+                     "from_cache": resolver.counts.cached, "fetched": resolver.counts.fetched,
+                     "failed": dict(resolver.counts.failed), "http_sent": client.stats.sent if client else 0,
                      "retries": dict(client.stats.retries) if client else {},
                      "repairs_asked": pipeline.repairs, "repairs_ok": pipeline.repaired_ok},
         "tokens": {"prompt": ptok, "completion": ctok,
                    "all_answers_prompt": sum(a.prompt_tokens for a in used),
                    "all_answers_completion": sum(a.completion_tokens for a in used)},
         "cost_usd": round(cost, 6) if cost is not None else None,
-        "budget": {**cfg.budget.model_dump(), "spent_requests": engine.spent.requests,
-                   "spent_tokens": engine.spent.tokens, "spent_cost_usd": round(engine.spent.cost_usd, 6)},
+        "budget": {**cfg.budget.model_dump(), "spent_requests": resolver.spent.requests,
+                   "spent_tokens": resolver.spent.tokens, "spent_cost_usd": round(resolver.spent.cost_usd, 6)},
         "latency_ms": latency_summary([a.latency_ms for a in used if a.source == "api" and a.latency_ms > 0]),
         "wall_s": round(wall, 2),
         **result.extra,

@@ -1,6 +1,6 @@
 """Resolving requests to teacher answers: journal first, then the response cache, then the teacher.
 
-Pipelines hand the engine a list of ``Request``s and get back the answers that exist; a request is missing
+Pipelines hand the resolver a list of ``Request``s and get back the answers that exist; a request is missing
 from the result when the budget ran out, the run is in Batch API mode (the request goes into the batch
 file instead), or it failed for good (counted, journaled as an error, asked again on the next run).
 """
@@ -81,7 +81,7 @@ class Spend:
 
 
 @dataclass
-class EngineCounts:
+class ResolverCounts:
     resumed: int = 0  # answers read from this run folder's journal
     cached: int = 0  # answers from the response cache
     fetched: int = 0  # answers from the teacher in this run
@@ -89,7 +89,7 @@ class EngineCounts:
     latencies: list[float] = field(default_factory=list)
 
 
-class Engine:
+class Resolver:
     def __init__(self, *, journal: Journal, model: str, endpoint: str, mode: Literal["online", "batch", "dry"],
                  client_factory: Callable[[], TeacherClient] | None, budget: BudgetConfig, price: Price | None,
                  concurrency: int, cache: CallCache | None = None,
@@ -107,7 +107,7 @@ class Engine:
         self.progress = progress
         self.stopped: str | None = None
         self.pending: list[Request] = []  # batch / dry mode: requests that would be sent
-        self.counts = EngineCounts()
+        self.counts = ResolverCounts()
         self.used: dict[str, Answer] = {}  # every answer handed to the pipeline, by key
         self.failed_keys: set[str] = set()  # requests that failed for good in this run
         self._cache_buf: list[tuple[str, Any]] = []
@@ -283,4 +283,4 @@ class Engine:
             await self.client.aclose()  # kept (closed) for its stats
 
 
-__all__ = ["Answer", "Engine", "Request", "TeacherFatal", "answer_entry", "now_iso"]
+__all__ = ["Answer", "Resolver", "Request", "TeacherFatal", "answer_entry", "now_iso"]
