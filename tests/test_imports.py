@@ -147,7 +147,7 @@ def test_no_package_imports_another_packages_private_names():
 # The layers of docs/architecture.md, bottom up: a package may import its own layer's foundations and anything
 # below it, never above. Each package's `command` module is the CLI layer (console, options) over its library.
 LAYERS = [
-    {"tunelab", "tunelab.errors", "tunelab.config", "tunelab.results", "tunelab.stats"},
+    {"tunelab", "tunelab.errors", "tunelab.textfiles", "tunelab.config", "tunelab.results", "tunelab.stats"},
     {"tunelab.data"},
     {"tunelab.prompts", "tunelab.models", "tunelab.report"},
     {"tunelab.evaluate"},

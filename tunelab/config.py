@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.errors import ConfigError
+from tunelab.textfiles import read_text
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -22,13 +23,37 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error at its second line (the safe loader
+    keeps the last silently). Keys a merge (``<<: *base``) brings in may be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key]}): keep one of the two",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python data (safe types only; a duplicate key is a yaml.YAMLError, see UniqueKeyLoader)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a syntax error becomes ConfigError('file:line: ...')."""
+    """Parse a YAML file (UTF-8, BOM or not; see tunelab/textfiles.py); a syntax error, a duplicate key or a file
+    that is not UTF-8 becomes ConfigError('file:line: ...')."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no such file: {p}")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        return parse_yaml(read_text(p, error=ConfigError))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
@@ -135,8 +160,8 @@ def format_validation_error(err: ValidationError, model: type[BaseModel] | None 
 def field_line(path: Path, loc: tuple) -> int | None:
     """The line of the YAML key at ``loc`` (or of its deepest existing parent), for error messages."""
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError):
+        node = yaml.compose(read_text(path, error=ConfigError))
+    except (yaml.YAMLError, OSError, ConfigError):
         return None
     line = None
     for part in loc:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tunelab.errors import DataError
+from tunelab.textfiles import text_lines
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -30,21 +32,25 @@ def file_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
-def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a JSON Lines file of objects. Blank lines are skipped; a bad line raises DataError(path:line)."""
+def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, encoding: str | None = None,
+               encoding_option: str | None = None) -> list[dict[str, Any]]:
+    """Read a JSON Lines file of objects. Blank lines are skipped; a bad line raises DataError(path:line).
+    ``encoding``: the file's encoding (default: UTF-8, BOM or not, see tunelab/textfiles.py); ``encoding_option``:
+    how the command names one, for the error of a file that does not decode."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such file: {p}")
     rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with closing(text_lines(p, encoding=encoding, option=encoding_option)) as lines:
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line",
-                                where=f"{p}:{lineno}") from None
+                # some messages end in "at" ("Unterminated string starting at"): the column completes them
+                raise DataError(f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}); expected one "
+                                "JSON object per line", where=f"{p}:{lineno}") from None
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object, got {type(obj).__name__}", where=f"{p}:{lineno}")
             obj.setdefault("_line", lineno)
@@ -54,13 +60,16 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dic
     return rows
 
 
-def read_csv(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
+def read_csv(path: str | os.PathLike, *, limit: int | None = None, encoding: str | None = None,
+             encoding_option: str | None = None) -> list[dict[str, Any]]:
+    """Read a CSV file with a header row (decoding as read_jsonl: a UTF-8 BOM, as Excel writes, is no part of the
+    first field's name)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"no such file: {p}")
     rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    with closing(text_lines(p, encoding=encoding, newline="", option=encoding_option)) as lines:
+        reader = csv.DictReader(lines)
         if not reader.fieldnames:
             raise DataError("empty CSV file; expected a header row", where=f"{p}:1")
         for row in reader:
@@ -75,14 +84,16 @@ def read_csv(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[
     return rows
 
 
-def read_records(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read a dataset by extension: .jsonl/.json (JSON Lines) or .csv/.tsv."""
+def read_records(path: str | os.PathLike, *, limit: int | None = None, encoding: str | None = None,
+                 encoding_option: str | None = None) -> list[dict[str, Any]]:
+    """Read a dataset by extension: .jsonl/.json (JSON Lines) or .csv; ``encoding`` as read_jsonl."""
     p = Path(path)
     suffix = p.suffix.lower()
+    kw = dict(limit=limit, encoding=encoding, encoding_option=encoding_option)
     if suffix in (".csv",):
-        return read_csv(p, limit=limit)
+        return read_csv(p, **kw)
     if suffix in (".jsonl", ".json", ".ndjson", ""):
-        return read_jsonl(p, limit=limit)
+        return read_jsonl(p, **kw)
     raise DataError(f"unsupported dataset format {suffix!r}; expected .jsonl or .csv", where=str(p))
 
 

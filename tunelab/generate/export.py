@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import statistics
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable
 
 from tunelab.data.io import read_records, write_jsonl
 from tunelab.errors import DataError
+from tunelab.textfiles import text_lines
 from tunelab.generate.resolver import Request, answer_entry
 from tunelab.generate.journal import Journal
 from tunelab.generate.quality import Drops, normalize, tokens
@@ -79,7 +81,7 @@ def ingest_batch_results(paths: Iterable[Path], journal: Journal) -> dict[str, i
         p = Path(path)
         if not p.is_file():
             raise DataError(f"no such file: {p}")
-        with p.open(encoding="utf-8") as f:
+        with closing(text_lines(p)) as f:
             for lineno, raw in enumerate(f, 1):
                 if not raw.strip():
                     continue

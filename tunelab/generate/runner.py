@@ -24,6 +24,7 @@ from typing import Any, Callable
 from tunelab import __version__
 from tunelab.data.io import read_records
 from tunelab.errors import ConfigError, DataError, ModelError
+from tunelab.textfiles import read_text
 from tunelab.evaluate.cache import CallCache, stable_hash
 from tunelab.generate.client import TeacherClient, TeacherFatal, estimate_tokens, redact_url, resolve_key
 from tunelab.generate.config import GenerateConfig, Price, field_line, load_generate_config
@@ -141,7 +142,7 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
         if not sp.is_file():
             raise ConfigError(f"quality.json_schema: no such file: {sp}", where=str(config_path))
         try:
-            cfg.quality.json_schema = json.dumps(json.loads(sp.read_text(encoding="utf-8")))
+            cfg.quality.json_schema = json.dumps(json.loads(read_text(sp, error=ConfigError)))
         except ValueError as e:
             raise ConfigError(f"quality.json_schema: not JSON ({e})", where=str(sp)) from None
 

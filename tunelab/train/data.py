@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from tunelab.data.io import read_records, record_location
 from tunelab.errors import DataError
+from tunelab.textfiles import read_text
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -288,12 +289,12 @@ def _text_documents(path: Path, text_field: str, limit: int | None) -> list[tupl
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise DataError("no .txt files in this folder", where=str(path))
-        docs = [(f.read_text(encoding="utf-8"), str(f)) for f in files]
+        docs = [(read_text(f), str(f)) for f in files]
         return docs[:limit] if limit else docs
     if path.suffix.lower() in (".txt", ".md"):
         if not path.is_file():
             raise DataError(f"no such file: {path}")
-        return [(path.read_text(encoding="utf-8"), str(path))]
+        return [(read_text(path), str(path))]
     rows = read_records(path, limit=limit)
     docs = []
     for r in rows:
