@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from tunelab.config import EvalConfig
-from tunelab.console import console, fail, new_progress, progress_factory
+from tunelab.console import console, fail, log, new_progress, progress_factory
 from tunelab.options import choices, field_option, given_fields, set_fields
 
 
@@ -73,7 +73,8 @@ def eval_cmd(
 
     with new_progress() as progress:
         runner = EvalRunner(cfg, base_dir, out, limit=limit, use_cache=not no_cache,
-                            progress=progress_factory(progress), log=lambda s: None)
+                            progress=progress_factory(progress), log=lambda s: None,
+                            warn=lambda s: log(f"warning: {s}"))
         if dry_run:
             plans = runner.dry_run()
     if dry_run:

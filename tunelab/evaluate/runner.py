@@ -103,6 +103,39 @@ def check_gold(spec: PromptSpec, ds: Dataset) -> None:
             raise DataError(f"label {gold!r} is not in the label set {labels}", where=record_location(it, ds.path))
 
 
+def gold_hint(spec: PromptSpec, items: list[dict[str, Any]]) -> str:
+    """Why no item has a gold answer, and the setting that fixes it: the fields the items do have, the fields
+    the prompt spec looks for, and ``target_field`` (with the field that looks like the labels, when one does)."""
+    from tunelab.prompts.spec import GOLD_FIELDS
+
+    fields = [k for k in dict.fromkeys(k for it in items for k in it) if not str(k).startswith("_")]
+    looks_for = repr(spec.target_field) if spec.target_field else ", ".join(GOLD_FIELDS[:-1]) + " or " + GOLD_FIELDS[-1]
+    labels = set(spec.labels or [])
+    guess = next((f for f in fields if labels and all(str(it.get(f)) in labels for it in items if f in it)), None)
+    fix = f"target_field: {guess}" if guess else "target_field: FIELD"
+    return (f"the items have the fields {', '.join(fields) or 'none'}, and the prompt spec looks for {looks_for}: "
+            f"set {fix} in the prompt spec (or name the gold field {GOLD_FIELDS[0]!r})")
+
+
+def data_warnings(spec: PromptSpec, ds: Dataset) -> list[str]:
+    """What makes a score meaningless though nothing fails: most inputs empty, no gold answer at all."""
+    out = []
+    empty = 0
+    for it in ds.items:
+        try:
+            empty += not spec.render_input(it).strip()
+        except DataError as e:
+            raise DataError(e.message, where=record_location(it, ds.path)) from None
+    n = len(ds.items)
+    if empty and empty * 2 >= n:
+        out.append(f"{'all' if empty == n else f'{empty} of'} {n} items have an empty input (the input "
+                   f"template {spec.input_template!r} renders to nothing): the scores measure the prompt alone; "
+                   "check the data's text field or the prompt spec's input_template")
+    if all(spec.gold(it) is None for it in ds.items):
+        out.append(f"no gold answers, so no accuracy: {gold_hint(spec, ds.items)}")
+    return out
+
+
 def cell_mode(cfg: EvalConfig, spec: PromptSpec, model: ModelBackend | None, mcfg: ModelConfig) -> str:
     scoring_ok = model.supports_scoring if model is not None else not (mcfg.model or "").startswith("openai:")
     use_loglik = (spec.task == "label" and scoring_ok and getattr(spec.reasoning, "type", "none") == "none")
@@ -128,7 +161,7 @@ def _environment() -> dict:
 class EvalRunner:
     def __init__(self, cfg: EvalConfig, base_dir: Path, out_dir: Path, *, limit: int | None = None,
                  use_cache: bool = True, progress: Progress | None = None,
-                 log: Callable[[str], None] = lambda s: None):
+                 log: Callable[[str], None] = lambda s: None, warn: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.base_dir = base_dir
         self.out_dir = out_dir
@@ -140,6 +173,49 @@ class EvalRunner:
         self.cache = CallCache(enabled=use_cache)
         self.progress = progress
         self.log = log
+        self.warn = warn or (lambda s: log(f"warning: {s}"))
+        self.warnings: list[str] = []
+        said: dict[str, list[str]] = {}  # one line for the variants a warning holds for
+        for v in self.variants:
+            for w in data_warnings(v.spec, self.dataset):
+                said.setdefault(w, []).append(v.name)
+        for w, names in said.items():
+            self._warn(f"{', '.join(names)}: {w}")
+
+    def _warn(self, message: str) -> None:
+        """Say it now (``warn``) and keep it for the summary's notes and the dry run."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            self.warn(message)
+
+    def check_context(self, v: Variant, m: ModelConfig, model: ModelBackend, mode: str,
+                      msgs: list[list[dict]], counts: list[int] | None = None) -> list[int]:
+        """The prompt tokens of each item; warns (once per cell) when items are longer than the model's context.
+
+        Too-long items are scored as they are, not cut: cutting from the left (lm-eval-harness's choice) would drop
+        the instruction and the few-shot examples this spec puts first, cutting from the right the input or the
+        answer slot, and either way the score would be of another prompt than the one measured. The warning says
+        how many, the longest and the limit, so the user can shorten the texts or pick a longer-context model."""
+        limit = getattr(model, "context_length", None)
+        if counts is None and not limit:
+            return []
+        counts = counts if counts is not None else [model.count_tokens(x) for x in msgs]
+        if not limit or not msgs:
+            return counts
+        extra, what = 0, "prompt"
+        if mode == "loglik" and hasattr(model, "choice_token_ids") and hasattr(model, "render"):
+            text0 = model.render(msgs[0])
+            extra = max((len(model.choice_token_ids(text0, c)) for c in v.spec.labels or []), default=0)
+            what = "prompt and longest label"
+        total = [c + extra for c in counts]
+        over = [i for i, t in enumerate(total) if t > limit]
+        if over:
+            i = max(over, key=total.__getitem__)
+            self._warn(f"{v.name} @ {m.display}: {len(over)} of {len(msgs)} items exceed the model's context "
+                       f"of {limit:,} tokens (longest: item {self.dataset.ids[i]}, {total[i]:,} tokens of {what}, at "
+                       f"{record_location(self.dataset.items[i], self.dataset.path)}); they are scored as they are, "
+                       "past what the model was trained on: shorten those texts or use a longer-context model")
+        return counts
 
     @property
     def task(self) -> str:
@@ -170,8 +246,9 @@ class EvalRunner:
             model = self._load(m)
             for v in self.variants:
                 msgs = [v.spec.render(it) for it in self.dataset.items]
-                prompt_tokens = sum(model.count_tokens(x) for x in msgs)
                 mode = cell_mode(self.cfg, v.spec, model, m)
+                prompt_tokens = sum(self.check_context(v, m, model, mode, msgs,
+                                                       [model.count_tokens(x) for x in msgs]))
                 samples = 1 if mode == "loglik" else self.cfg.generation.samples
                 out_tokens = (len(v.spec.labels or []) * 3 if mode == "loglik"
                               else self.cfg.generation.max_new_tokens) * len(msgs) * samples
@@ -224,7 +301,7 @@ class EvalRunner:
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             dataset=str(self.dataset.name), dataset_path=str(self.dataset.path), n_items=len(self.dataset.items),
             task=self.task, labels=self.variants[0].spec.labels, metric=metric, cells=cells, best=best,
-            notes=_notes(cells, best, metric), config=self.cfg.model_dump(mode="json"), environment=_environment())
+            notes=self.warnings + _notes(cells, best, metric), config=self.cfg.model_dump(mode="json"), environment=_environment())
         os.replace(partial, self.out_dir / "results.jsonl")
         self.cache.close()
         return summary, all_rows
@@ -232,6 +309,7 @@ class EvalRunner:
     def _run_cell(self, v: Variant, m: ModelConfig, model: ModelBackend, mode: str) -> list[EvalRow]:
         spec, items, ids = v.spec, self.dataset.items, self.dataset.ids
         msgs = [spec.render(it) for it in items]
+        self.check_context(v, m, model, mode, msgs)
         hashes = [prompt_hash(x) for x in msgs]
         base = [{"variant": v.name, "model": m.display, "dataset": self.dataset.name, "item_id": ids[i],
                  "input": spec.render_input(items[i]), "gold": spec.gold(items[i]), "prompt_hash": hashes[i]}
@@ -307,7 +385,8 @@ def _notes(cells: list[Cell], best: Best | None, metric: str) -> list[str]:
 
     notes = []
     if best is None:
-        return ["No gold answers in the dataset: only compliance, tokens and latency are reported."]
+        return ["No gold answers in the dataset: only compliance, tokens and latency are reported (the prompt spec's "
+                "target_field names the gold answer's field)."]
     for c in cells:
         comp = c.comparison
         if comp is None or comp.vs is None:

@@ -60,6 +60,7 @@ class ModelBackend(Protocol):
     name: str  # a short display name
     identity: str  # stable identity for caching (content hash of weights + adapter, or endpoint + model)
     supports_scoring: bool
+    context_length: int | None  # the most tokens the model attends over (None: unknown, e.g. an API endpoint)
 
     def generate(self, prompts: list[list[Message]], params: GenerationParams, *,
                  progress: object | None = None) -> list[Generation]: ...

@@ -128,6 +128,16 @@ class LocalModel:
         return len(self.encode(messages))
 
     @property
+    def context_length(self) -> int | None:
+        """The most tokens the model was trained to attend over: its config's ``max_position_embeddings``, else
+        the tokenizer's ``model_max_length`` (when it is a real limit, not transformers' "no limit" sentinel)."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        if not n:
+            n = getattr(self.tokenizer, "model_max_length", None)
+            n = n if n and n < 10**9 else None
+        return int(n) if n else None
+
+    @property
     def end_of_turn(self) -> str:
         """The text the chat template puts after an assistant answer (e.g. ``<|im_end|>``)."""
         if self._eot is None:

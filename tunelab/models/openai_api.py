@@ -38,6 +38,7 @@ class OpenAIModel:
     """Chat completions against an OpenAI-compatible server, with bounded concurrency."""
 
     supports_scoring = False
+    context_length: int | None = None  # an endpoint does not say; eval checks no context length for it
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key_env: str | None = None,
                  api_key_file: str | None = None, concurrency: int = 8, timeout: float = 60.0,
