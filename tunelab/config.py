@@ -6,15 +6,16 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunelab.errors import ConfigError
-from tunelab.textfiles import read_text
+from tunelab.textfiles import check_encoding, read_text
 
 M = TypeVar("M", bound=BaseModel)
+Encoding = Annotated[str, AfterValidator(check_encoding)]  # a codec name Python knows (the data's `encoding:`)
 
 
 class StrictModel(BaseModel):
@@ -211,6 +212,7 @@ class EvalDataConfig(StrictModel):
     limit: int | None = Field(None, ge=1, description="use only the first N items")
     id_field: str | None = Field(None, description="item id field; default: 'id' if present, else the row index")
     name: str | None = None
+    encoding: Encoding | None = Field(None, description="the file's encoding when it is not UTF-8 (e.g. cp949 for a file saved by Windows or Excel in Korea); default: UTF-8, with or without a BOM")
 
 
 class ModelConfig(StrictModel):

@@ -33,6 +33,8 @@ def eval_cmd(
                                       help="Sampling temperature."),
     max_new_tokens: int = field_option(EvalConfig, "generation.max_new_tokens", "--max-new-tokens"),
     scoring: str = field_option(EvalConfig, "scoring", "--scoring", help=choices(EvalConfig, "scoring")),
+    encoding: Optional[str] = field_option(EvalConfig, "data.encoding", "--encoding",
+                                           help="The data file's encoding when it is not UTF-8 (e.g. cp949)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print items, token estimate and cost; run nothing."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Ignore and do not fill the model-call cache."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write report.html."),

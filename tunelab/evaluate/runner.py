@@ -80,7 +80,7 @@ def load_dataset(cfg: EvalConfig, base_dir: Path, limit: int | None = None) -> D
     if not path.is_absolute():
         path = base_dir / path
     n = limit or cfg.data.limit
-    items = read_records(path, limit=n)
+    items = read_records(path, limit=n, encoding=cfg.data.encoding, encoding_option="--encoding")
     if not items:
         raise DataError("the dataset has no items", where=str(path))
     id_field = cfg.data.id_field or ("id" if "id" in items[0] else None)

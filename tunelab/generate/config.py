@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from tunelab.config import StrictModel, field_line, format_validation_error, load_yaml
+from tunelab.config import Encoding, StrictModel, field_line, format_validation_error, load_yaml
 from tunelab.errors import ConfigError
 
 Pipeline = Literal["label", "respond", "self-instruct"]
@@ -75,6 +75,7 @@ class InputsConfig(StrictModel):
     path: str = Field(description="JSONL or CSV, relative to the config file")
     limit: int | None = Field(None, ge=1)
     id_field: str | None = Field(None, description="default 'id' if present, else the line number")
+    encoding: Encoding | None = Field(None, description="the file's encoding when it is not UTF-8 (e.g. cp949 for a file saved by Windows or Excel in Korea); default: UTF-8, with or without a BOM")
 
 
 class QualityConfig(StrictModel):

@@ -70,7 +70,7 @@ def load_inputs(cfg: GenerateConfig, base: Path, limit: int | None) -> tuple[lis
     assert cfg.data is not None
     path = _rel(base, cfg.data.path)
     lim = min(x for x in (limit, cfg.data.limit) if x is not None) if (limit or cfg.data.limit) else None
-    items = read_records(path, limit=lim)
+    items = read_records(path, limit=lim, encoding=cfg.data.encoding, encoding_option="data.encoding:")
     if not items:
         raise DataError("no inputs in the file", where=str(path))
     id_field = cfg.data.id_field or ("id" if "id" in items[0] else None)

@@ -44,6 +44,8 @@ def train_cmd(
     out: Path = field_option(TrainConfig, "out", "--out", "-o", help="Output directory."),
     limit: Optional[int] = field_option(TrainConfig, "data.limit", "--limit", "-n",
                                         help="Use only the first N records."),
+    encoding: Optional[str] = field_option(TrainConfig, "data.encoding", "--encoding",
+                                           help="The data file's encoding when it is not UTF-8 (e.g. cp949)."),
     epochs: float = field_option(TrainConfig, "train.epochs", "--epochs", help="Epochs (may be fractional)."),
     max_steps: Optional[int] = field_option(TrainConfig, "train.max_steps", "--max-steps",
                                             help="Stop after N optimizer steps."),

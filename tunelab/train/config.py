@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tunelab.config import StrictModel, load_yaml, validate_as
+from tunelab.config import Encoding, StrictModel, load_yaml, validate_as
 from tunelab.errors import ConfigError
 from tunelab.models.base import adapter_dir
 
@@ -34,6 +34,7 @@ class DataSource(StrictModel):
     prompt: str | None = Field(None, description="PromptSpec YAML for labelled items (format: prompt)")
     limit: int | None = Field(None, ge=1, description="use only the first N records")
     text_field: str = Field("text", description="field that holds the document (format: text, JSONL)")
+    encoding: Encoding | None = Field(None, description="the file's encoding when it is not UTF-8 (e.g. cp949 for a file saved by Windows or Excel in Korea); default: UTF-8, with or without a BOM")
 
     @model_validator(mode="after")
     def _prompt_format(self) -> "DataSource":

@@ -30,6 +30,8 @@ from tunelab.data.io import read_records, record_location
 from tunelab.errors import DataError
 from tunelab.textfiles import read_text
 
+ENCODING_OPTION = "--encoding"  # how a user names a data file's encoding (data.encoding, or a data.mix file's)
+
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
@@ -284,18 +286,19 @@ def encode_text_blocks(tokenizer, text: str, block: int, where: str) -> list[Exa
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
-def _text_documents(path: Path, text_field: str, limit: int | None) -> list[tuple[str, str]]:
+def _text_documents(path: Path, text_field: str, limit: int | None,
+                    encoding: str | None = None) -> list[tuple[str, str]]:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise DataError("no .txt files in this folder", where=str(path))
-        docs = [(read_text(f), str(f)) for f in files]
+        docs = [(read_text(f, encoding=encoding, option=ENCODING_OPTION), str(f)) for f in files]
         return docs[:limit] if limit else docs
     if path.suffix.lower() in (".txt", ".md"):
         if not path.is_file():
             raise DataError(f"no such file: {path}")
-        return [(read_text(path), str(path))]
-    rows = read_records(path, limit=limit)
+        return [(read_text(path, encoding=encoding, option=ENCODING_OPTION), str(path))]
+    rows = read_records(path, limit=limit, encoding=encoding, encoding_option=ENCODING_OPTION)
     docs = []
     for r in rows:
         where = record_location(r, path)
@@ -329,7 +332,8 @@ def _load_source(data_cfg, limits, tokenizer, method: str, spec: Any) -> TrainDa
     if fmt == "auto":
         first = None
         if not (path.is_dir() or path.suffix.lower() in (".txt", ".md")):
-            rows = read_records(path, limit=data_cfg.limit)
+            rows = read_records(path, limit=data_cfg.limit, encoding=data_cfg.encoding,
+                                encoding_option=ENCODING_OPTION)
             first = rows[0] if rows else None
         fmt = detect_format(path, first, has_prompt=spec is not None or bool(data_cfg.prompt), method=method)
     if method == "pretrain" and fmt != "text":
@@ -337,11 +341,12 @@ def _load_source(data_cfg, limits, tokenizer, method: str, spec: Any) -> TrainDa
     stats = DataStats()
     examples: list[Example] = []
     if fmt == "text":
-        for text, where in _text_documents(path, data_cfg.text_field, data_cfg.limit):
+        for text, where in _text_documents(path, data_cfg.text_field, data_cfg.limit, data_cfg.encoding):
             examples += encode_text_blocks(tokenizer, text, limits.max_seq_len, where)
     else:
         if rows is None:
-            rows = read_records(path, limit=data_cfg.limit)
+            rows = read_records(path, limit=data_cfg.limit, encoding=data_cfg.encoding,
+                                encoding_option=ENCODING_OPTION)
         if not rows:
             raise DataError("the dataset has no records", where=str(path))
         if fmt == "prompt" and spec is None:
