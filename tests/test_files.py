@@ -152,3 +152,21 @@ def test_malformed_json_says_at_column_once(tmp_path):
     line = assert_clean_error(eval_dry_run(tmp_path, data), f"{data}:1: malformed JSON", "at column")
     assert "at at" not in line
 
+
+
+def test_generate_inputs_encoding(tmp_path):
+    """generate reads its inputs before anything is sent: a CP949 file is refused naming data.encoding, and read
+    with it (a dry run: the teacher is never called)."""
+    from helpers import write_yaml
+    from helpers.generate import env_for, run_generate
+
+    data = tmp_path / "inputs.jsonl"
+    data.write_bytes(jsonl_text(ROWS).encode("cp949"))
+    cfg = {"name": "enc", "pipeline": "label", "prompt": str(spec_file(tmp_path)), "data": {"path": str(data)},
+           "teacher": {"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:9/v1"}, "sampling": {"max_tokens": 8}}
+    bad = write_yaml(tmp_path / "bad.yaml", cfg)
+    assert_clean_error(run_generate(bad, "--dry-run", "--out", str(tmp_path / "o1"), env=env_for(tmp_path)),
+                       f"{data}:1: not UTF-8", CP949_HINT, "data.encoding: cp949")
+    good = write_yaml(tmp_path / "good.yaml", {**cfg, "data": {"path": str(data), "encoding": "cp949"}})
+    p = ok(run_generate(good, "--dry-run", "--out", str(tmp_path / "o2"), env=env_for(tmp_path)))
+    assert "requests to send: 2" in p.stdout, p.stdout
