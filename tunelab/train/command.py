@@ -122,11 +122,15 @@ def merge_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one trained on)."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="JSONL of probe prompts for the greedy check."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Tokens compared per probe."),
+    allow_other_base: bool = typer.Option(False, "--allow-other-base",
+                                          help="Merge an adapter into a base other than the one it was trained on "
+                                               "(same shapes; refused otherwise)."),
 ) -> None:
     """Merge a LoRA adapter into its base model (safetensors) and check greedy outputs match the adapter."""
     from tunelab.train.merge import merge_adapter
 
-    res = merge_adapter(adapter, out, model=model, probe_file=probe, max_new_tokens=max_new_tokens, log=stderr_log)
+    res = merge_adapter(adapter, out, model=model, probe_file=probe, max_new_tokens=max_new_tokens,
+                        allow_other_base=allow_other_base, log=stderr_log)
     print(str(res.out))
 
 
