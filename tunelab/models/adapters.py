@@ -147,7 +147,8 @@ def adapter_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise ModelError(f"adapter {adapter}: cannot read {f.name} ({str(e).splitlines()[0] if str(e) else e})") \
             from None
-    return {(k[len("base_model.model."):] if k.startswith("base_model.model.") else k): v for k, v in out.items()}
+    return {(k[len("base_model.model."):] if k.startswith("base_model.model.") else k).replace(".base_layer.", "."): v
+            for k, v in out.items()}  # (embedding layers a LoRA targets are saved whole, as base_layer)
 
 
 LORA_PARTS = {  # tensor suffix -> (dimension of the tensor, dimension of the base weight it must equal)
