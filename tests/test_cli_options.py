@@ -31,7 +31,7 @@ NOT_CONFIG_FIELDS = {
     "prompt render": {"spec": "the spec file", "input": "one input", "item": "one input", "model": "display only",
                       "as_json": "display only"},
     "train": {"config": "the train config file itself", "set_": "any field by name", "resume": "a run option",
-              "dry_run": "a run option"},
+              "dry_run": "a run option", "force": "a run option"},
     "merge": {"adapter": "a path", "out": "a path", "model": "a model spec", "probe": "a path",
               "max_new_tokens": "merge_adapter's own keyword default (no config model)",
               "allow_other_base": "a run option (merge_adapter's keyword)"},

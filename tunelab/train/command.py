@@ -86,7 +86,10 @@ def train_cmd(
     device: str = field_option(TrainConfig, "train.device", "--device", help=choices(TrainConfig, "train.device")),
     threads: Optional[int] = field_option(TrainConfig, "train.threads", "--threads", help="torch CPU threads."),
     set_: List[str] = typer.Option([], "--set", help="Any field: --set optim.warmup_ratio=0.1 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (the same "
+                                                        "config only)."),
+    force: bool = typer.Option(False, "--force", help="Replace the run in --out (its adapter, model, checkpoints, "
+                                                      "metrics and report; other files stay)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print token statistics and the first "
                                                           "example's supervised tokens; train nothing."),
 ) -> None:
@@ -111,7 +114,8 @@ def train_cmd(
         overrides["train.micro_batch_size"] = min(batch_size, field_default(TrainConfig, "train.micro_batch_size"))
     cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
+    result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, force=force, log=stderr_log,
+                                    console=err_console)
     if dry_run and result is not None:
         print(result.model_dump_json(indent=1))
 

@@ -64,11 +64,11 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings,
         raise adapter_load_error(path, e) from None
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print,
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False, log=print,
         console=None) -> TrainReport | TrainDryRun | None:
     """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
     cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
-    r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    r = start_session(cfg, resume=resume, dry_run=dry_run, force=force, log=log, console=console)
     show_preview(r)
     if dry_run:
         return dry_run_summary(r)
