@@ -24,6 +24,7 @@ NOT_CONFIG_FIELDS = {
         "data": "quick form: becomes data.path; with a config it is an error",
         "model": "replaces the config's models with one ModelConfig",
         "adapter": "replaces the config's models with one ModelConfig",
+        "allow_other_base": "sets ModelConfig.allow_other_base of every model",
         "limit": "a run option of EvalRunner (at most N items, under data.limit)",
         "out": "output folder: EvalConfig has no field for it",
         "dry_run": "a run option", "no_cache": "a run option", "report": "a run option",

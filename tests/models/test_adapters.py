@@ -94,3 +94,9 @@ def test_an_adapter_given_as_the_model_says_it_is_one(tmp_path, tiny_adapter, ti
 def test_the_adapter_on_its_own_base_still_evaluates(tmp_path, tiny_adapter, tiny_model_dir):
     ok(run_eval(tmp_path, tiny_model_dir, "--adapter", tiny_adapter))
     assert (tmp_path / "ev" / "results.jsonl").is_file()
+
+
+def test_eval_allow_other_base_applies_it_with_a_warning(tmp_path, tiny_adapter, other_bases):
+    p = ok(run_eval(tmp_path, other_bases["weights"], "--adapter", tiny_adapter, "--allow-other-base"))
+    assert "(other weights); applied anyway" in p.stderr
+    assert (tmp_path / "ev" / "results.jsonl").is_file()
