@@ -28,21 +28,33 @@ def tiny_llama():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (2 layers, hidden 32) with the bundled model's tokenizer and chat template, on disk."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from helpers.train import tiny_base
 
-    from tunelab.models.convert import resolve_local_path
+    return tiny_base(tmp_path_factory.mktemp("tiny-llama"))
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(str(resolve_local_path(None)))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+
+@pytest.fixture(scope="session")
+def other_bases(tmp_path_factory) -> dict[str, Path]:
+    """Two bases an adapter of ``tiny_model_dir`` must not go on: ``shape`` (hidden 48, not 32) and ``weights``
+    (the same shapes and config, other random weights)."""
+    from helpers.train import tiny_base
+
+    root = tmp_path_factory.mktemp("other-bases")
+    return {"shape": tiny_base(root / "shape", hidden=48), "weights": tiny_base(root / "weights", seed=1)}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A LoRA adapter trained by `tunelab train` for 2 steps on ``tiny_model_dir`` (its train --out dir/adapter)."""
+    from helpers import EXAMPLES, read_jsonl, write_jsonl
+    from helpers.cli import ok
+    from helpers.train import NSMC_TRAIN, common, run_train
+
+    root = tmp_path_factory.mktemp("tiny-adapter")
+    items = write_jsonl(root / "items.jsonl", read_jsonl(NSMC_TRAIN)[:16])
+    ok(run_train(*common(tiny_model_dir, items, root / "run", "--max-steps", "2", "--prompt",
+                         str(EXAMPLES / "train" / "sentiment_binary_short.yaml"))))
+    return root / "run" / "adapter"
 
 
 def pytest_configure(config):

@@ -219,6 +219,8 @@ class ModelConfig(StrictModel):
     name: str | None = Field(None, description="display name in tables")
     model: str | None = Field(None, description="'bundled', an HF dir, a .gguf file, or openai:MODEL")
     adapter: str | None = None
+    allow_other_base: bool = Field(False, description="apply the adapter to a base other than the one it was "
+                                                      "trained on (same shapes; refused otherwise)")
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="env var that holds the API key (never the key itself)")
     api_key_file: str | None = None

@@ -82,3 +82,11 @@ def test_an_adapter_of_another_base_model_is_one_line_exit_2(tmp_path, tiny_mode
     assert_clean_error(p, f"adapter {tmp_path / 'other'} does not fit the base model: size mismatch for",
                        last_line_only=True)  # after the run's preview
     assert not (tmp_path / "x").exists()
+
+
+def test_an_adapter_of_a_same_shaped_other_base_trains_on_with_a_warning(tmp_path, tiny_adapter, tiny_model_dir,
+                                                                        other_bases, chat_file):
+    p = ok(run_train(*base(other_bases["weights"], chat_file, tmp_path / "x", "--max-steps", "1",
+                           "--init-adapter", str(tiny_adapter))))
+    assert f"warning: adapter {tiny_adapter} was trained on another base model, {tiny_model_dir}" in p.stderr
+    assert "(other weights); applied anyway" in p.stderr

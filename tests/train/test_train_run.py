@@ -210,7 +210,8 @@ def test_merge_writes_hf_dir_and_checks_greedy_equality(tmp_path, tiny_model_dir
     merge_mod.greedy = flaky
     try:
         with pytest.raises(merge_mod.MergeCheckError, match="merge check FAILED"):
-            merge_mod.merge_adapter(out, tmp_path / "bad", model=str(other), max_new_tokens=4, log=lambda s: None)
+            merge_mod.merge_adapter(out, tmp_path / "bad", model=str(other), max_new_tokens=4, allow_other_base=True,
+                                    log=lambda s: None)
     finally:
         merge_mod.greedy = real_greedy
     assert json.loads((tmp_path / "bad" / "merge_check.json").read_text())["identical"] is False

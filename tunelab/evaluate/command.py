@@ -25,6 +25,9 @@ def eval_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="bundled | HF dir | .gguf | openai:MODEL (overrides the config)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter directory on top of the model."),
+    allow_other_base: bool = typer.Option(False, "--allow-other-base",
+                                          help="Apply --adapter to a base other than the one it was trained on "
+                                               "(same shapes; refused otherwise)."),
     limit: Optional[int] = typer.Option(None, "--limit", "-n", min=1, help="Use only the first N items."),
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Output directory."),
     samples: int = field_option(EvalConfig, "generation.samples", "--samples",
@@ -69,6 +72,9 @@ def eval_cmd(
                                           "adapter": str(adapter.resolve()) if adapter else base.adapter,
                                           "name": None})]
         settings["models"] = [mc.model_dump() for mc in models]
+    if allow_other_base:
+        settings["models"] = [{**(m if isinstance(m, dict) else {"model": m}), "allow_other_base": True}
+                              for m in settings.get("models") or ["bundled"]]
     cfg = validate_as(EvalConfig, settings, config or "<command line>")
     if cfg.generation.samples > 1 and cfg.generation.temperature == 0:
         fail("--samples > 1 needs --temperature > 0 (greedy decoding repeats the same answer)")

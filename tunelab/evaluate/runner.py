@@ -228,6 +228,8 @@ class EvalRunner:
                         concurrency=m.concurrency, price=m.price)
         else:
             opts = dict(dtype=m.dtype, batch_size=m.batch_size)
+            if m.allow_other_base:
+                opts["allow_other_base"] = True
         adapter = m.adapter
         if adapter and not Path(adapter).is_absolute() and (self.base_dir / adapter).exists():
             adapter = str(self.base_dir / adapter)

@@ -28,7 +28,7 @@ def load_model(spec: str | None = None, *, adapter: str | None = None, cache: bo
     else:
         from tunelab.models.local import LocalModel
 
-        local_opts = {k: v for k, v in options.items() if k in ("device", "dtype", "batch_size")}
+        local_opts = {k: v for k, v in options.items() if k in ("device", "dtype", "batch_size", "allow_other_base")}
         model = LocalModel(spec, adapter=adapter, **local_opts)
     if cache:
         _LOADED[key] = model

@@ -99,6 +99,10 @@ def resolve_local_path(spec: str | None) -> Path:
         ggufs = sorted(p.glob("*.gguf"))
         if ggufs:
             return ensure_converted(ggufs[0])
+        from tunelab.models.adapters import not_a_base_model
+
+        if (why := not_a_base_model(p)) is not None:
+            raise ModelError(why)
         raise ModelError(f"{p} is neither an HF model directory (no config.json) nor holds a .gguf file")
     raise ModelError(f"model not found: {spec!r}; expected 'bundled', an HF model directory, a .gguf file, "
                      "or openai:MODEL (nothing is downloaded at run time)")

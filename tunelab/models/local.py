@@ -12,6 +12,7 @@ import torch
 
 from tunelab.data.io import file_digest
 from tunelab.errors import ModelError
+from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
 from tunelab.models.scoring import PrefixScorer, autocast_context
@@ -29,6 +30,13 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def warn_line(msg: str) -> None:
+    """A warning for the user, on stderr (the library has no console of its own)."""
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -61,7 +69,7 @@ class LocalModel:
     supports_scoring = True
 
     def __init__(self, spec: str | None = None, *, adapter: str | os.PathLike | None = None,
-                 device: str = "auto", dtype: str = "auto", batch_size: int = 16):
+                 device: str = "auto", dtype: str = "auto", batch_size: int = 16, allow_other_base: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.path = resolve_local_path(spec)
@@ -74,7 +82,7 @@ class LocalModel:
             raise ModelError(f"cannot load model from {self.path}: {str(e).splitlines()[0]}") from None
         self.adapter_path = Path(adapter) if adapter else None
         if self.adapter_path is not None:
-            model = self._attach_adapter(model, self.adapter_path)
+            model = self._attach_adapter(model, self.adapter_path, allow_other_base=allow_other_base)
         self.model = model.to(self.device).eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -90,15 +98,21 @@ class LocalModel:
         self._eot: str | None = None
 
     # -- loading -------------------------------------------------------------------------------------
-    def _attach_adapter(self, model, adapter: Path):
+    def _attach_adapter(self, model, adapter: Path, *, allow_other_base: bool = False):
         adapter = find_adapter_dir(adapter)
         self.adapter_path = adapter
         from peft import PeftModel
 
+        # One line instead of PEFT's size-mismatch traceback, and no silent answers from another base's adapter.
+        check_adapter_fits(BaseInfo.of(model, self.path), adapter, allow_other_base=allow_other_base,
+                           allow_hint="or --allow-other-base to apply it anyway", warn=warn_line)
         tmpl = adapter / "chat_template.jinja"
         if tmpl.is_file():  # train and inference render the same tokens
             self.tokenizer.chat_template = tmpl.read_text(encoding="utf-8")
-        return PeftModel.from_pretrained(model, str(adapter))
+        try:
+            return PeftModel.from_pretrained(model, str(adapter))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise adapter_load_error(adapter, e) from None
 
     def _pick_autocast(self, dtype: str) -> torch.dtype | None:
         if dtype in ("float32", "fp32"):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tunelab.errors import ModelError
+from tunelab.models.adapters import BaseInfo, check_adapter_fits
 from tunelab.models.base import adapter_dir
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -66,9 +68,19 @@ class AdapterRegistry:
         self._lock = threading.Lock()
         self._entries: dict[str, AdapterEntry] = {}
         self._version = 0
+        self.base: BaseInfo | None = None  # once the base model is loaded: adapters must fit it (``check``)
+
+    def check(self, folder: Path) -> None:
+        """Refuse an adapter that does not fit the base model or was trained on another base."""
+        if self.base is not None:
+            try:
+                check_adapter_fits(self.base, folder)
+            except ModelError as e:
+                raise AdapterError(str(e)) from None
 
     def register(self, name: str, path: str | Path, *, replace: bool = False) -> AdapterEntry:
         folder = resolve_adapter_dir(path)
+        self.check(folder)
         tmpl_file = folder / "chat_template.jinja"
         template = tmpl_file.read_text(encoding="utf-8") if tmpl_file.is_file() else None
         with self._lock:

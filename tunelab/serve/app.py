@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 
 from tunelab import __version__
 from tunelab.errors import ConfigError, ModelError
+from tunelab.models.adapters import BaseInfo
 from tunelab.serve.adapters import AdapterError, AdapterRegistry
 from tunelab.serve.config import ServeConfig
 from tunelab.serve.engine import Engine
@@ -86,6 +87,12 @@ def build_app(config: ServeConfig, lm=None) -> FastAPI:
         except AdapterError as e:
             raise ConfigError(str(e), where=f"--adapter {name}") from None
     lm = lm if lm is not None else load_base(config)
+    registry.base = BaseInfo.of(lm.model, getattr(lm, "path", None))
+    for entry in registry.entries():  # the base is known now: each adapter must fit it
+        try:
+            registry.check(entry.path)
+        except AdapterError as e:
+            raise ConfigError(str(e), where=f"--adapter {entry.name}") from None
     base_id = config.served_model_name or lm.name
     if registry.get(base_id) is not None:
         raise ConfigError(f"adapter name {base_id!r} is the base model's name; pick another", where="--adapter")

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from tunelab.models.adapters import IDENTITY_KEY, TRAIN_META, base_identity
 from tunelab.results import write_json
 from tunelab.train.ema import swapped_weights
 from tunelab.train.loop import FitResult
@@ -60,7 +61,9 @@ def write_inference_files(run: TrainSession, target: Path) -> None:
         (target / "chat_template.jinja").write_text(tmpl, encoding="utf-8")
     meta: dict[str, Any] = {"method": run.cfg.method, "base_model": run.cfg.model or "bundled",
                             "base_model_path": str(run.model_path), "data": str(run.data.path),
-                            "format": run.data.format}
+                            "format": run.data.format,
+                            # what eval, merge and serve compare with the base they are given (models/adapters.py)
+                            IDENTITY_KEY: base_identity(run.model_path, run.cfg.model or "bundled")}
     if run.cfg.data.prompt:
         write_prompt_spec(run.cfg.data.prompt, run.data.spec, target / "prompt_spec.yaml")
         spec = run.data.spec
@@ -68,7 +71,7 @@ def write_inference_files(run: TrainSession, target: Path) -> None:
             meta["prompt_spec_hash"] = spec.content_hash()
         meta["prompt_spec_source"] = run.cfg.data.prompt
     meta["config"] = run.cfg.model_dump(mode="json")
-    write_json(target / "tunelab_train.json", meta)
+    write_json(target / TRAIN_META, meta)
 
 
 def write_prompt_spec(source: str, spec: Any, target: Path) -> None:

@@ -153,6 +153,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_checkpoint_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json alone (step, counters, the run's config hash)."""
+    return json.loads((path / STATE).read_text(encoding="utf-8"))
+
+
 def load_checkpoint(path: Path, *, rank: int = 0) -> dict[str, Any]:
     """Everything in a checkpoint as plain objects (tensors on the CPU)."""
     state = json.loads((path / STATE).read_text(encoding="utf-8"))

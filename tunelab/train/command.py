@@ -88,7 +88,10 @@ def train_cmd(
     device: str = field_option(TrainConfig, "train.device", "--device", help=choices(TrainConfig, "train.device")),
     threads: Optional[int] = field_option(TrainConfig, "train.threads", "--threads", help="torch CPU threads."),
     set_: List[str] = typer.Option([], "--set", help="Any field: --set optim.warmup_ratio=0.1 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (the same "
+                                                        "config only)."),
+    force: bool = typer.Option(False, "--force", help="Replace the run in --out (its adapter, model, checkpoints, "
+                                                      "metrics and report; other files stay)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print token statistics and the first "
                                                           "example's supervised tokens; train nothing."),
 ) -> None:
@@ -113,7 +116,8 @@ def train_cmd(
         overrides["train.micro_batch_size"] = min(batch_size, field_default(TrainConfig, "train.micro_batch_size"))
     cfg = load_train_config(config, overrides, parse_set(set_))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, log=stderr_log, console=err_console)
+    result = recipe(cfg.method).run(cfg, resume=resume, dry_run=dry_run, force=force, log=stderr_log,
+                                    console=err_console)
     if dry_run and result is not None:
         print(result.model_dump_json(indent=1))
 
@@ -124,11 +128,15 @@ def merge_cmd(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the one trained on)."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="JSONL of probe prompts for the greedy check."),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", min=1, help="Tokens compared per probe."),
+    allow_other_base: bool = typer.Option(False, "--allow-other-base",
+                                          help="Merge an adapter into a base other than the one it was trained on "
+                                               "(same shapes; refused otherwise)."),
 ) -> None:
     """Merge a LoRA adapter into its base model (safetensors) and check greedy outputs match the adapter."""
     from tunelab.train.merge import merge_adapter
 
-    res = merge_adapter(adapter, out, model=model, probe_file=probe, max_new_tokens=max_new_tokens, log=stderr_log)
+    res = merge_adapter(adapter, out, model=model, probe_file=probe, max_new_tokens=max_new_tokens,
+                        allow_other_base=allow_other_base, log=stderr_log)
     print(str(res.out))
 
 

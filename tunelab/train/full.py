@@ -21,10 +21,10 @@ from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import start_session
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print,
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False, log=print,
         console=None) -> TrainReport | TrainDryRun | None:
     """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
-    r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    r = start_session(cfg, resume=resume, dry_run=dry_run, force=force, log=log, console=console)
     show_preview(r)
     if dry_run:
         return dry_run_summary(r)

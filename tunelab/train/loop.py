@@ -29,6 +29,7 @@ from tunelab.train.loss import SupervisedLoss, batch_nll
 from tunelab.train.modeling import trainable_named
 from tunelab.train.optim import build_optimizer
 from tunelab.train.progress import ProgressView
+from tunelab.train.rundir import config_hash, write_run_config
 from tunelab.train.schedule import Plan, lr_factor, make_plan, micro_batches
 from tunelab.train.session import TrainSession
 from tunelab.train.throughput import peak_rss_gb
@@ -76,6 +77,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     resumed_from = state.get("step")
     if run.is_main:
         metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+        if run.resolved is not None:  # what a later --resume must match (rundir.check_out_dir)
+            write_run_config(out, run.resolved)
 
     pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
     loss_module = SupervisedLoss(model)
@@ -178,7 +181,8 @@ def _save_checkpoint(run: TrainSession, plan: Plan, step: int, named: dict[str, 
                     state={**counters, "ema_updates": ema.updates if ema is not None else None,
                            "epoch": step // max(1, plan.steps_per_epoch),
                            "step_in_epoch": step % max(1, plan.steps_per_epoch),
-                           "total_steps": plan.total_steps, "lr": lr, "plan": plan.key()},
+                           "total_steps": plan.total_steps, "lr": lr, "plan": plan.key(),
+                           "config_hash": config_hash(run.resolved) if run.resolved is not None else None},
                     keep=run.cfg.checkpoint.keep, rank=run.rank, world=run.world,
                     barrier=run.accelerator.wait_for_everyone)
 

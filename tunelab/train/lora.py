@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.errors import ModelError
+from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
 from tunelab.train.artifacts import save_adapter, save_last
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
 from tunelab.train.forgetting import ForgettingProbe
@@ -28,7 +28,7 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: TrainSessio
     from peft import LoraConfig, get_peft_model
 
     if settings.init_adapter:
-        model = load_init_adapter(model, settings)
+        model = load_init_adapter(model, settings, run)
     else:
         cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                          target_modules=settings.target_modules, task_type="CAUSAL_LM", bias="none",
@@ -45,27 +45,30 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: TrainSessio
     return model
 
 
-def load_init_adapter(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
-    """The base with a saved adapter attached, trainable: training continues from its A, B (and saved modules)."""
+def load_init_adapter(model: torch.nn.Module, settings: LoraSettings,
+                      run: TrainSession | None = None) -> torch.nn.Module:
+    """The base with a saved adapter attached, trainable: training continues from its A, B (and saved modules).
+    An adapter of other shapes is refused; one trained on a same-shaped other base is carried over, with a
+    warning (training on goes on from it: carrying an adapter to a related base is a use of --init-adapter)."""
     from peft import LoraConfig, PeftModel
 
     path = settings.init_adapter
+    check_adapter_fits(BaseInfo.of(model, run.model_path if run is not None else None), path,
+                       allow_other_base=True, warn=run.log if run is not None else None)
     cfg = LoraConfig.from_pretrained(path)
     cfg.lora_dropout = settings.dropout
     cfg.inference_mode = False
     try:
         return PeftModel.from_pretrained(model, path, config=cfg, is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as e:  # e.g. shapes of another base model
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        why = next((ln for ln in lines if ln.startswith("size mismatch")), lines[0])  # torch's first line is a header
-        raise ModelError(f"adapter {path} does not fit the base model: {why[:300]}") from None
+    except (RuntimeError, ValueError, KeyError) as e:  # what the shape check cannot see
+        raise adapter_load_error(path, e) from None
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, log=print,
+def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False, log=print,
         console=None) -> TrainReport | TrainDryRun | None:
     """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
     cfg = cfg.model_copy(update={"lora": resolve_init_adapter(cfg.lora)})
-    r = start_session(cfg, resume=resume, dry_run=dry_run, log=log, console=console)
+    r = start_session(cfg, resume=resume, dry_run=dry_run, force=force, log=log, console=console)
     show_preview(r)
     if dry_run:
         return dry_run_summary(r)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
 from tunelab.models.base import find_adapter_dir
 
 DEFAULT_PROBES = [
@@ -57,7 +58,17 @@ def probe_prompts(adapter: Path, probe_file: Path | None, n: int = 8) -> list[li
     if probe_file is not None:
         from tunelab.data.io import read_records
 
+        from tunelab.errors import DataError
+
         rows = read_records(probe_file, limit=n)
+        if not rows:
+            raise DataError("no probe records (JSONL of messages, items or prompt/text fields)", where=str(probe_file))
+        for i, r in enumerate(rows):
+            msgs = r.get("messages", [])
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                      for m in msgs):
+                raise DataError("messages must be a list of {role, content} objects",
+                                where=f"{probe_file}:{r.get('_line', i + 1)}")
         spec = None
         if (adapter / "prompt_spec.yaml").is_file() and not any("messages" in r or "prompt" in r for r in rows):
             from tunelab.prompts import load_prompt_spec
@@ -89,14 +100,19 @@ def greedy(model, tok, prompts: list[list[dict]], max_new_tokens: int) -> list[l
 
 
 def merge_adapter(adapter: Path, out: Path, *, model: str | None = None, probe_file: Path | None = None,
-                  max_new_tokens: int = 24, log=print) -> MergeResult:
+                  max_new_tokens: int = 24, allow_other_base: bool = False, log=print) -> MergeResult:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tunelab.models.convert import resolve_local_path
     from tunelab.train.tokenizer import load_tokenizer
 
+    # Every input is checked before anything is loaded or written: the adapter, --out, the probe file, the base.
     adapter = find_adapter_dir(Path(adapter))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TunelabError(f"{out} exists and is not empty; choose a new --out")
+    prompts = probe_prompts(adapter, probe_file)
     base_path = resolve_local_path(model or base_model_of(adapter))
     tok = load_tokenizer(base_path)
     tmpl = adapter / "chat_template.jinja"
@@ -105,12 +121,16 @@ def merge_adapter(adapter: Path, out: Path, *, model: str | None = None, probe_f
 
     def adapted():
         base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-        return PeftModel.from_pretrained(base, str(adapter)).eval()
+        try:
+            return PeftModel.from_pretrained(base, str(adapter)).eval()
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise adapter_load_error(adapter, e) from None
 
+    check_adapter_fits(BaseInfo.of(AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32),
+                                   base_path), adapter, allow_other_base=allow_other_base,
+                       allow_hint="or --allow-other-base to merge it anyway", warn=log)
     log(f"merging {adapter} into {base_path}")
     merged = adapted().merge_and_unload()
-    if out.exists() and any(out.iterdir()):
-        raise TunelabError(f"{out} exists and is not empty; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     merged.config.use_cache = True
     merged.save_pretrained(str(out), safe_serialization=True)
@@ -120,7 +140,6 @@ def merge_adapter(adapter: Path, out: Path, *, model: str | None = None, probe_f
             shutil.copyfile(adapter / extra, out / extra)
     del merged
     # The check: the directory as written, loaded fresh, against the unmerged adapter.
-    prompts = probe_prompts(adapter, probe_file)
     want = greedy(adapted(), tok, prompts, max_new_tokens)
     got = greedy(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval(), tok, prompts,
                  max_new_tokens)

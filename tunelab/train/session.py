@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import ConfigError
-from tunelab.train.checkpoint import latest_checkpoint
+from tunelab.train.rundir import check_out_dir, clear_run
 from tunelab.train.config import TrainConfig
 from tunelab.train.data import TrainData
 from tunelab.train.precision import autocast_ctx, pick_autocast
@@ -36,6 +36,7 @@ class TrainSession:
     log: Callable[[str], None] = print
     console: Any = None
     resume: bool = False
+    resolved: dict[str, Any] | None = None  # the config the weights depend on (rundir.resolved_config)
     varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
 
     @property
@@ -54,9 +55,10 @@ class TrainSession:
         return autocast_ctx(self.device, self.autocast)
 
 
-def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False,
+def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False,
                   log: Callable[[str], None] = print, console=None) -> TrainSession:
-    """Processes, seeds, tokenizer and data: everything before the model is loaded (also the dry run)."""
+    """Processes, seeds, tokenizer and data: everything before the model is loaded (also the dry run). A --out that
+    holds another run is refused (rundir.check_out_dir); with ``force`` its run files are removed first."""
     from accelerate import Accelerator
 
     from tunelab.models.convert import resolve_local_path
@@ -79,12 +81,15 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
         spec = load_prompt_spec(cfg.data.prompt)
     data = load_train_data(cfg.data, tok, method=cfg.method, spec=spec)
     out = Path(cfg.out)
-    if not resume and not dry_run and latest_checkpoint(out) is not None:
-        raise ConfigError(f"{out} holds checkpoints of an earlier run: add --resume to continue it, or choose a new "
-                          "--out", where="out")
+    resolved = check_out_dir(cfg, out, resume=resume, force=force, dry_run=dry_run)
     run = TrainSession(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
-                       log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume)
+                       log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume,
+                       resolved=resolved)
     check_batching(run)
+    if force and not dry_run:
+        if run.is_main and (gone := clear_run(out)):
+            run.log(f"--force: removed the earlier run's {', '.join(gone)} from {out}")
+        accelerator.wait_for_everyone()
     return run
 
 
