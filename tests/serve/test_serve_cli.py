@@ -14,12 +14,13 @@ from helpers.cli import assert_clean_error, run_cli, tunelab_cmd
 from helpers.processes import free_port
 
 KEY = "cli-secret-key-9876"
+ADMIN_KEY = "cli-admin-key-4321"
 
 
 @pytest.mark.model
 def test_serve_command_requires_the_key_and_never_prints_it():
     port = free_port()
-    env = {**os.environ, "TUNELAB_API_KEY": KEY}
+    env = {**os.environ, "TUNELAB_API_KEY": KEY, "TUNELAB_ADMIN_KEY": ADMIN_KEY}
     proc = subprocess.Popen(tunelab_cmd("serve", "--port", port, "--max-batch", "4", "--threads", "1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -39,14 +40,17 @@ def test_serve_command_requires_the_key_and_never_prints_it():
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60, headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"]
-        # the admin endpoint is open to the key holder (and checks what it is given)
+        # the admin endpoint is open to the admin key's holder only (and checks what it is given)
         r = httpx.post(url + "/admin/adapters", json={"name": "x", "path": "/nonexistent"}, timeout=30,
                        headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 401
+        r = httpx.post(url + "/admin/adapters", json={"name": "x", "path": "/nonexistent"}, timeout=30,
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "path"
     finally:
         proc.terminate()
         out = proc.communicate(timeout=60)[0]
-    assert KEY not in out
+    assert KEY not in out and ADMIN_KEY not in out
     assert "API key required" in out and f"127.0.0.1:{port}" in out
     assert "POST /v1/chat/completions" in out  # the access log is on, and it shows no headers
 

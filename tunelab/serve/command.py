@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -39,6 +40,10 @@ def serve_cmd(
                                           show_envvar=True,
                                           help="Require 'Authorization: Bearer KEY' (prefer the env variable: "
                                                "a flag is visible in the process list)."),
+    adapter_root: List[str] = field_option(ServeConfig, "adapter_roots", "--adapter-root",
+                                           help="A directory under which the admin endpoint may register "
+                                                "adapters (repeatable; the admin key comes from "
+                                                "TUNELAB_ADMIN_KEY)."),
     served_model_name: Optional[str] = field_option(ServeConfig, "served_model_name", "--served-model-name",
                                                     help="The id clients send for the base model."),
     max_batch: int = field_option(ServeConfig, "max_batch", "--max-batch",
@@ -75,6 +80,8 @@ def serve_cmd(
     settings = given_fields(ctx, serve_cmd)
     if not api_key:  # an empty TUNELAB_API_KEY is no key
         settings.pop("api_key", None)
+    if os.environ.get("TUNELAB_ADMIN_KEY"):  # environment only: a flag would show in the process list
+        settings["admin_key"] = os.environ["TUNELAB_ADMIN_KEY"]
     try:
         cfg = ServeConfig(adapters=_parse_adapters(adapter), **settings)
     except ValidationError as e:
@@ -91,6 +98,7 @@ def serve_cmd(
     app = build_app(cfg)
     serving = app.state.serving
     auth = "API key required" if cfg.api_key is not None else "no API key"
+    auth += "; admin endpoints on" if cfg.admin_key is not None else "; admin endpoints off"
     print(f"tunelab serve: {serving.base_id} + {len(serving.registry)} adapter(s) on "
           f"http://{cfg.host}:{cfg.port}/v1 ({auth}; docs at /docs)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)

@@ -15,8 +15,15 @@ class ServeConfig(StrictModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="model name -> PEFT adapter directory")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: SecretStr | None = Field(None, description="when set, every /v1 and /admin call needs "
+    api_key: SecretStr | None = Field(None, description="when set, every /v1 call needs "
                                                         "'Authorization: Bearer <key>'")
+    allow_no_key: bool = Field(False, description="allow binding an interface other than loopback without "
+                                                  "an API key")
+    admin_key: SecretStr | None = Field(None, description="when set, the /admin endpoints are on and need "
+                                                          "'Authorization: Bearer <admin key>' (from "
+                                                          "TUNELAB_ADMIN_KEY); without it they are off")
+    adapter_roots: list[str] = Field(default_factory=list, description="directories under which /admin may "
+                                                                       "register adapters")
     device: str = "auto"
     dtype: str = Field("auto", pattern="^(auto|float32|fp32|bfloat16|bf16)$")
     # batching
@@ -35,6 +42,9 @@ class ServeConfig(StrictModel):
     def _check(self) -> "ServeConfig":
         if self.default_max_tokens > self.max_tokens_limit:
             self.default_max_tokens = self.max_tokens_limit
+        if self.admin_key is not None and self.api_key is not None and \
+                self.admin_key.get_secret_value() == self.api_key.get_secret_value():
+            raise ValueError("the admin key (TUNELAB_ADMIN_KEY) must differ from the API key")
         for name in self.adapters:
             if not name or name != name.strip():
                 raise ValueError(f"adapter name {name!r} is empty or has surrounding spaces")
@@ -51,3 +61,6 @@ class ServeConfig(StrictModel):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key is not None else None

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 import anyio
@@ -15,7 +16,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from tunelab import __version__
-from tunelab.serve.adapters import AdapterEntry, AdapterError, AdapterRegistry
+from tunelab.serve.adapters import AdapterEntry, AdapterError, AdapterRegistry, registrable_dir
 from tunelab.serve.config import ServeConfig
 from tunelab.serve.engine import ChoiceDelta, Engine, EngineError, RequestHandle, SamplingParams, TokenInfo
 from tunelab.serve.errors import APIError, error_body, from_engine
@@ -64,8 +65,11 @@ def sse(data: dict | str) -> str:
 class OpenAIServing:
     """The OpenAI endpoints over one engine (one base model and its adapters)."""
 
-    def __init__(self, config: ServeConfig, lm, engine: Engine, registry: AdapterRegistry):
+    def __init__(self, config: ServeConfig, lm, engine: Engine, registry: AdapterRegistry, *,
+                 adapter_roots: list[Path] = ()):
         self.config = config
+        self.adapter_roots = list(adapter_roots)
+        self.startup_adapters = {e.path for e in registry.entries()}  # re-registrable wherever they are
         self.lm = lm
         self.engine = engine
         self.registry = registry
@@ -108,7 +112,8 @@ class OpenAIServing:
             raise APIError(409, f"an adapter named `{name}` is already registered; DELETE it first",
                            param="name", code="model_exists")
         try:
-            entry = self.registry.register(name, path)
+            entry = self.registry.register(name, registrable_dir(path, self.adapter_roots,
+                                                                 self.startup_adapters))
         except AdapterError as e:
             raise APIError(400, str(e), param="path", code="invalid_adapter") from None
         log.info("registered adapter %s from %s", name, entry.path)
