@@ -34,7 +34,7 @@ def tiny_server(tiny_model_dir, tmp_path_factory):
     make_tiny_lora(outside / "startup", tiny_model_dir, 3)
     cfg = ServeConfig(model=str(tiny_model_dir), dtype="float32", api_key=TINY_KEY, admin_key=TINY_ADMIN_KEY,
                       adapter_roots=[str(root)], adapters={"startup": str(outside / "startup")},
-                      max_batch=8, max_concurrent=8, max_tokens_limit=64)
+                      max_batch=8, max_concurrent=8, max_sequences_per_request=4, max_tokens_limit=64)
     app = build_app(cfg)
     with ServerThread(app) as srv:
         srv.app, srv.root, srv.outside = app, root, outside

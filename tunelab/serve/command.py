@@ -49,7 +49,12 @@ def serve_cmd(
     max_batch: int = field_option(ServeConfig, "max_batch", "--max-batch",
                                   help="Sequences decoded together in one step."),
     max_concurrent: int = field_option(ServeConfig, "max_concurrent", "--max-concurrent",
-                                       help="Requests in flight; more get 429."),
+                                       help="Sequences in flight (prompts times n); a request that does not "
+                                            "fit now gets 429."),
+    max_sequences_per_request: int = field_option(ServeConfig, "max_sequences_per_request",
+                                                  "--max-sequences-per-request",
+                                                  help="Sequences (prompts times n) one request may ask for; "
+                                                       "more get 400."),
     max_prefill_tokens: int = field_option(ServeConfig, "max_prefill_tokens", "--max-prefill-tokens",
                                            help="Padded prompt tokens prefilled in one forward pass."),
     max_loaded_adapters: int = field_option(ServeConfig, "max_loaded_adapters", "--max-loaded-adapters",

@@ -31,7 +31,10 @@ class ServeConfig(StrictModel):
     max_prefill_tokens: int = Field(4096, ge=16, description="padded prompt tokens prefilled in one forward")
     max_loaded_adapters: int = Field(4, ge=1, le=256, description="adapters kept in memory (LRU)")
     # limits: a request over one gets a 4xx answer
-    max_concurrent: int = Field(128, ge=1, description="requests in flight; one more gets 429")
+    max_concurrent: int = Field(128, ge=1, description="sequences in flight (each prompt of a request, times "
+                                                       "its n); a request that does not fit now gets 429")
+    max_sequences_per_request: int = Field(32, ge=1, description="sequences (prompts times n) one request may "
+                                                                 "ask for; more get 400 (at most max_concurrent)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body size; larger gets 413")
     max_prompt_tokens: int | None = Field(None, ge=1, description="default: the model's context length")
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
@@ -42,6 +45,8 @@ class ServeConfig(StrictModel):
     def _check(self) -> "ServeConfig":
         if self.default_max_tokens > self.max_tokens_limit:
             self.default_max_tokens = self.max_tokens_limit
+        if self.max_sequences_per_request > self.max_concurrent:  # a request must fit an idle server
+            self.max_sequences_per_request = self.max_concurrent
         if self.admin_key is not None and self.api_key is not None and \
                 self.admin_key.get_secret_value() == self.api_key.get_secret_value():
             raise ValueError("the admin key (TUNELAB_ADMIN_KEY) must differ from the API key")

@@ -318,7 +318,10 @@ class Health(BaseModel):
     loaded_adapters: int = Field(description="adapters currently loaded (LRU-bounded)")
     running: int = Field(description="sequences in the decode batch")
     waiting: int = Field(description="requests queued for a batch slot")
-    active_requests: int = Field(description="requests in flight (counted against --max-concurrent)")
+    active_requests: int = Field(description="prompts in flight (a completions request counts each of its "
+                                             "prompts)")
+    active_sequences: int = Field(0, description="sequences in flight: prompts times n, counted against "
+                                                 "--max-concurrent")
 
 
 class RegisterAdapterRequest(BaseModel):

@@ -102,7 +102,8 @@ class OpenAIServing:
         stats = self.engine.stats()
         return Health(status="ok" if self.engine.alive else "unavailable", model=self.base_id,
                       adapters=len(self.registry), loaded_adapters=stats["loaded_adapters"],
-                      running=stats["running"], waiting=stats["waiting"], active_requests=stats["active_requests"])
+                      running=stats["running"], waiting=stats["waiting"], active_requests=stats["active_requests"],
+                      active_sequences=stats["active_sequences"])
 
     def register_adapter(self, name: str, path: str) -> ModelCard:
         if name == self.base_id:
@@ -156,6 +157,20 @@ class OpenAIServing:
             raise APIError(400, f"n is {n}, more than this server allows ({self.config.max_n})", param="n",
                            code="invalid_value")
 
+    def _check_room(self, prompts: int, n: int) -> None:
+        """400 for a request larger than the server ever takes (prompts times n over the per-request cap),
+        429 for one that does not fit among the sequences in flight now."""
+        need, cap = prompts * n, self.config.max_sequences_per_request
+        if need > cap:
+            what = f"{prompts} prompts × n={n}" if prompts > 1 else f"n={n}"
+            raise APIError(400, f"this request asks for {need} sequences ({what}), more than one request may "
+                                f"ask for on this server ({cap}); send the prompts in smaller requests",
+                           param="prompt" if prompts > 1 else "n", code="invalid_value")
+        try:
+            self.engine.check_room(need)
+        except EngineError as e:
+            raise from_engine(e) from None
+
     def _submit(self, ids: list[int], entry: AdapterEntry | None, params: SamplingParams, n: int) -> RequestHandle:
         try:
             return self.engine.submit(ids, entry, params, n)
@@ -174,6 +189,7 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {str(e).splitlines()[0]}",
                            param="messages") from None
+        self._check_room(1, req.n)
         ids = self._encode_text(text)
         self._check_prompt(ids, "messages")
         max_tokens = self._max_tokens(req.requested_max_tokens, self.config.default_max_tokens, len(ids))
@@ -233,6 +249,7 @@ class OpenAIServing:
         entry = self.resolve(req.model)
         self._check_n(req.n)
         prompts = _prompt_list(req.prompt)
+        self._check_room(len(prompts), req.n)
         encoded: list[tuple[str, list[int]]] = []
         for p in prompts:
             if isinstance(p, str):
