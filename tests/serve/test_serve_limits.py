@@ -94,3 +94,18 @@ def test_a_large_list_leaves_room_for_other_clients_and_429_is_for_a_full_server
         assert [f.result().status_code for f in (big, other, rest)] == [200, 200, 200]
     assert len(big.result().json()["choices"]) == 4
     wait_until(lambda: health(tiny_server)["active_sequences"] == 0)
+
+
+def test_errors_name_the_field_the_client_sent(tiny_server):
+    base = tiny_server.app.state.serving.base_id
+    chat = {"model": base, "messages": [{"role": "user", "content": "Hi"}]}
+    err = assert_error(post(tiny_server, "/v1/chat/completions", {**chat, "max_completion_tokens": 1000}), 400,
+                       "invalid_value")
+    assert err["param"] == "max_completion_tokens" and "max_completion_tokens" in err["message"]
+    err = assert_error(post(tiny_server, "/v1/chat/completions", {**chat, "max_tokens": 1000}), 400, "invalid_value")
+    assert err["param"] == "max_tokens"
+    # tool_choice without tools is refused, as OpenAI does
+    for choice in ("auto", "none", {"type": "function", "function": {"name": "f"}}):
+        err = assert_error(post(tiny_server, "/v1/chat/completions", {**chat, "tool_choice": choice}), 400,
+                           "invalid_value")
+        assert err["param"] == "tool_choice" and "tools" in err["message"]

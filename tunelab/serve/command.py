@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import sys
 from typing import List, Optional
 
@@ -28,6 +30,29 @@ def _parse_adapters(items: list[str]) -> dict[str, str]:
     return out
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (before the model loads, so a port in use is one line, not a log line
+    after startup); the server then listens on it."""
+    from tunelab.errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(f"--host {host}: cannot resolve it ({e})", where="<command line>") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        why = "is in use (another server?); pick another with --port" if e.errno == errno.EADDRINUSE else \
+            f"cannot be bound ({e.strerror or e})"
+        raise ConfigError(f"port {port} on {host} {why}", where="<command line>") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve_cmd(
     ctx: typer.Context,
     model: Optional[str] = field_option(ServeConfig, "model", "--model", "-m",
@@ -46,6 +71,9 @@ def serve_cmd(
                                                 "TUNELAB_ADMIN_KEY)."),
     served_model_name: Optional[str] = field_option(ServeConfig, "served_model_name", "--served-model-name",
                                                     help="The id clients send for the base model."),
+    allow_no_key: bool = field_option(ServeConfig, "allow_no_key", "--allow-no-key",
+                                      help="Serve on an interface other than loopback without an API key "
+                                           "(refused otherwise)."),
     max_batch: int = field_option(ServeConfig, "max_batch", "--max-batch",
                                   help="Sequences decoded together in one step."),
     max_concurrent: int = field_option(ServeConfig, "max_concurrent", "--max-concurrent",
@@ -80,7 +108,7 @@ def serve_cmd(
 
     from tunelab.config import format_validation_error
     from tunelab.errors import ConfigError
-    from tunelab.serve.app import build_app
+    from tunelab.serve.app import build_app, log_config
 
     settings = given_fields(ctx, serve_cmd)
     if not api_key:  # an empty TUNELAB_API_KEY is no key
@@ -91,6 +119,10 @@ def serve_cmd(
         cfg = ServeConfig(adapters=_parse_adapters(adapter), **settings)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e), where="<command line>") from None
+    if not cfg.is_loopback and cfg.api_key is None and not cfg.allow_no_key:
+        raise ConfigError(f"--host {cfg.host} without an API key would let anyone who can reach the port use the "
+                          "model: set TUNELAB_API_KEY, or pass --allow-no-key", where="<command line>")
+    sock = bind(cfg.host, cfg.port)
     if threads is not None:
         import torch
 
@@ -98,15 +130,17 @@ def serve_cmd(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s", stream=sys.stderr)
     if not cfg.is_loopback and cfg.api_key is None:
         logging.getLogger("tunelab.serve").warning(
-            "binding %s without an API key: anyone who can reach this port can use the model "
-            "(set TUNELAB_API_KEY)", cfg.host)
+            "binding %s without an API key (--allow-no-key): anyone who can reach this port can use the model",
+            cfg.host)
     app = build_app(cfg)
     serving = app.state.serving
     auth = "API key required" if cfg.api_key is not None else "no API key"
     auth += "; admin endpoints on" if cfg.admin_key is not None else "; admin endpoints off"
     print(f"tunelab serve: {serving.base_id} + {len(serving.registry)} adapter(s) on "
-          f"http://{cfg.host}:{cfg.port}/v1 ({auth}; docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=log_level.lower(), timeout_graceful_shutdown=5)
+          f"http://{cfg.host}:{sock.getsockname()[1]}/v1 ({auth}; docs at /docs)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=5, log_config=log_config())
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def register(app: typer.Typer) -> None:

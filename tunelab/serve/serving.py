@@ -138,18 +138,18 @@ class OpenAIServing:
                                 f"({self.max_prompt_tokens}); shorten it", param=param,
                            code="context_length_exceeded")
 
-    def _max_tokens(self, requested: int | None, default: int, prompt_len: int) -> int:
+    def _max_tokens(self, requested: int | None, default: int, prompt_len: int, param: str = "max_tokens") -> int:
         room = self.context_length - prompt_len
         if requested is None:
             return max(1, min(default, self.config.max_tokens_limit, room))
         if requested > self.config.max_tokens_limit:
-            raise APIError(400, f"max_tokens is {requested}, more than this server allows "
-                                f"({self.config.max_tokens_limit})", param="max_tokens", code="invalid_value")
+            raise APIError(400, f"{param} is {requested}, more than this server allows "
+                                f"({self.config.max_tokens_limit})", param=param, code="invalid_value")
         if requested > room:
             raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
                                 f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-                                f"{requested} for the completion). Reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+                                f"{requested} for the completion). Reduce the prompt or {param}.",
+                           param=param, code="context_length_exceeded")
         return requested
 
     def _check_n(self, n: int) -> None:
@@ -192,7 +192,8 @@ class OpenAIServing:
         self._check_room(1, req.n)
         ids = self._encode_text(text)
         self._check_prompt(ids, "messages")
-        max_tokens = self._max_tokens(req.requested_max_tokens, self.config.default_max_tokens, len(ids))
+        max_tokens = self._max_tokens(req.requested_max_tokens, self.config.default_max_tokens, len(ids),
+                                      req.max_tokens_param)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 stop=tuple(req.stop_list), seed=req.seed,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
