@@ -153,11 +153,16 @@ class BodyLimit:
 
 
 def load_base(config: ServeConfig):
-    from tunelab.models.local import LocalModel
+    """The base model. ``dtype: auto`` is float32 on a CPU: bf16 autocast makes a sequence's greedy output and
+    log-likelihoods depend on what else is in its batch, and buys no decoding speed on CPUs (docs/serve.md)."""
+    from tunelab.models.local import LocalModel, pick_device
 
     if config.model and str(config.model).startswith("openai:"):
         raise ModelError("tunelab serve needs a local base model (bundled, an HF directory or a .gguf file)")
-    return LocalModel(config.model, device=config.device, dtype=config.dtype)
+    dtype = config.dtype
+    if dtype == "auto" and pick_device(config.device).type == "cpu":
+        dtype = "float32"
+    return LocalModel(config.model, device=config.device, dtype=dtype)
 
 
 def adapter_roots(config: ServeConfig) -> list[Path]:
@@ -191,7 +196,9 @@ def build_app(config: ServeConfig, lm=None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        log.info("serving %s with %d adapter(s); max batch %d", base_id, len(registry), config.max_batch)
+        h = app.state.serving.health()
+        log.info("serving %s with %d adapter(s); max batch %d; %s", base_id, len(registry), config.max_batch,
+                 precision_note(h.dtype, h.deterministic))
         try:
             yield
         finally:
@@ -209,6 +216,13 @@ def build_app(config: ServeConfig, lm=None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(KeyCheck)  # added last, so it runs first: no key, no body read
     return app
+
+
+def precision_note(dtype: str, deterministic: bool) -> str:
+    """How the server computes, in words for its startup lines."""
+    if deterministic:
+        return f"{dtype}: greedy output does not depend on the batch"
+    return f"{dtype}: greedy output and log-likelihoods may depend on the batch (--dtype float32 to avoid it)"
 
 
 class ServerThread:

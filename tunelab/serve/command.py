@@ -108,7 +108,7 @@ def serve_cmd(
 
     from tunelab.config import format_validation_error
     from tunelab.errors import ConfigError
-    from tunelab.serve.app import build_app, log_config
+    from tunelab.serve.app import build_app, log_config, precision_note
 
     settings = given_fields(ctx, serve_cmd)
     if not api_key:  # an empty TUNELAB_API_KEY is no key
@@ -136,8 +136,10 @@ def serve_cmd(
     serving = app.state.serving
     auth = "API key required" if cfg.api_key is not None else "no API key"
     auth += "; admin endpoints on" if cfg.admin_key is not None else "; admin endpoints off"
+    h = serving.health()
     print(f"tunelab serve: {serving.base_id} + {len(serving.registry)} adapter(s) on "
-          f"http://{cfg.host}:{sock.getsockname()[1]}/v1 ({auth}; docs at /docs)", file=sys.stderr, flush=True)
+          f"http://{cfg.host}:{sock.getsockname()[1]}/v1 ({auth}; {precision_note(h.dtype, h.deterministic)}; "
+          "docs at /docs)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=5, log_config=log_config())
     uvicorn.Server(config).run(sockets=[sock])

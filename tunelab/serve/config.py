@@ -25,7 +25,9 @@ class ServeConfig(StrictModel):
     adapter_roots: list[str] = Field(default_factory=list, description="directories under which /admin may "
                                                                        "register adapters")
     device: str = "auto"
-    dtype: str = Field("auto", pattern="^(auto|float32|fp32|bfloat16|bf16)$")
+    dtype: str = Field("auto", pattern="^(auto|float32|fp32|bfloat16|bf16)$",
+                       description="auto: float32 on a CPU (output does not depend on the batch), the GPU's "
+                                   "half precision on CUDA; bfloat16: autocast (output may depend on the batch)")
     # batching
     max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together in one step")
     max_prefill_tokens: int = Field(4096, ge=16, description="padded prompt tokens prefilled in one forward")

@@ -335,6 +335,11 @@ class Health(BaseModel):
                                              "prompts)")
     active_sequences: int = Field(0, description="sequences in flight: prompts times n, counted against "
                                                  "--max-concurrent")
+    dtype: str = Field("float32", description="what the model computes in: float32, or bfloat16 / float16 "
+                                              "(autocast)")
+    deterministic: bool = Field(True, description="true in float32: a sequence's greedy output and "
+                                                  "log-likelihoods do not depend on the other sequences in its "
+                                                  "batch; false in half precision, where they may")
 
 
 class RegisterAdapterRequest(BaseModel):

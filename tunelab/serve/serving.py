@@ -100,7 +100,9 @@ class OpenAIServing:
 
     def health(self) -> Health:
         stats = self.engine.stats()
-        return Health(status="ok" if self.engine.alive else "unavailable", model=self.base_id,
+        half = getattr(self.lm, "autocast_dtype", None)
+        return Health(dtype=str(half).removeprefix("torch.") if half is not None else "float32",
+                      deterministic=half is None,status="ok" if self.engine.alive else "unavailable", model=self.base_id,
                       adapters=len(self.registry), loaded_adapters=stats["loaded_adapters"],
                       running=stats["running"], waiting=stats["waiting"], active_requests=stats["active_requests"],
                       active_sequences=stats["active_sequences"])
