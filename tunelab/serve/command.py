@@ -35,15 +35,10 @@ def bind(host: str, port: int) -> socket.socket:
     after startup); the server then listens on it."""
     from tunelab.errors import ConfigError
 
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except (socket.gaierror, UnicodeError) as e:
-        raise ConfigError(f"--host {host}: cannot resolve it ({e})", where="<command line>") from None
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds it
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port
     try:
-        sock.bind(address)
+        sock.bind((host, port))
     except OSError as e:
         sock.close()
         why = "is in use (another server?); pick another with --port" if e.errno == errno.EADDRINUSE else \
