@@ -1,5 +1,5 @@
 """Shared test code, no tests: paths and small file helpers here, the rest by topic (cli, processes, pages, run,
-train, generate, fakeserver). tests/ is on sys.path through tests/conftest.py, so a test imports
+train, generate, fakeserver, serve). tests/ is on sys.path through tests/conftest.py, so a test imports
 ``helpers.<topic>``; fixtures live in the conftest.py files, never imported by name."""
 
 from __future__ import annotations

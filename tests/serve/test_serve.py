@@ -15,6 +15,7 @@ import pytest
 pytestmark = pytest.mark.model
 
 KEY = "test-key-0123456789"
+ADMIN_KEY = "test-admin-key-5555"
 BASE = "smollm2-135m"
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
            [{"role": "user", "content": "Say hello."}],
@@ -57,8 +58,9 @@ def server(adapters):
     from tunelab.serve.app import ServerThread, build_app
     from tunelab.serve.config import ServeConfig
 
-    cfg = ServeConfig(dtype="float32", api_key=KEY, adapters={"lora-a": str(adapters["lora-a"]),
-                                                              "lora-b": str(adapters["lora-b"])},
+    cfg = ServeConfig(dtype="float32", api_key=KEY, admin_key=ADMIN_KEY,
+                      adapter_roots=[str(adapters["lora-c"].parent)],
+                      adapters={"lora-a": str(adapters["lora-a"]), "lora-b": str(adapters["lora-b"])},
                       max_loaded_adapters=2, max_batch=32, max_body_bytes=64 * 1024, max_tokens_limit=256)
     app = build_app(cfg)
     with ServerThread(app) as srv:
@@ -398,16 +400,13 @@ def test_disconnect_while_waiting_for_a_whole_answer_frees_the_slot(server):
 def test_admin_registers_adapter_and_lru_evicts(server, client, adapters, tmp_path):
     reg = {"name": "lora-c", "path": str(adapters["lora-c"])}
     assert_error(post(server, "/admin/adapters", reg, key=None), 401)
-    server.app.state.api_key = None  # a server started without a key keeps its admin endpoints closed
-    try:
-        assert_error(post(server, "/admin/adapters", reg, key=None), 403, "admin_disabled")
-    finally:
-        server.app.state.api_key = KEY
-    r = post(server, "/admin/adapters", reg)
+    assert_error(post(server, "/admin/adapters", reg), 401)  # the API key is no admin key
+    r = post(server, "/admin/adapters", reg, key=ADMIN_KEY)
     assert r.status_code == 201, r.text
     assert r.json()["id"] == "lora-c" and r.json()["parent"] == BASE
-    assert_error(post(server, "/admin/adapters", reg), 409)
-    assert_error(post(server, "/admin/adapters", {"name": "bad", "path": str(tmp_path)}), 400, "invalid_adapter")
+    assert_error(post(server, "/admin/adapters", reg, key=ADMIN_KEY), 409)
+    assert_error(post(server, "/admin/adapters", {"name": "bad", "path": str(tmp_path)}, key=ADMIN_KEY), 400,
+                 "invalid_adapter")
     assert "lora-c" in [m.id for m in client.models.list().data]
     # three adapters through two slots: each request loads its adapter and evicts the least recently used
     outs = {}
@@ -416,7 +415,7 @@ def test_admin_registers_adapter_and_lru_evicts(server, client, adapters, tmp_pa
         outs.setdefault(name, set()).add(r.choices[0].message.content)
     assert len(outs["lora-a"]) == 1  # reloaded after eviction, same output
     assert httpx.get(server.url + "/health").json()["loaded_adapters"] <= 2
-    d = httpx.delete(server.url + "/admin/adapters/lora-c", headers={"Authorization": f"Bearer {KEY}"})
+    d = httpx.delete(server.url + "/admin/adapters/lora-c", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert d.status_code == 200 and d.json()["deleted"] is True
     assert_error(post(server, "/v1/chat/completions", {"model": "lora-c", "messages": PROMPTS[0]}), 404)
 

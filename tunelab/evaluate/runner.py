@@ -275,6 +275,9 @@ class EvalRunner:
         with JsonlAppender(partial) as out:
             for m in self.model_cfgs:
                 model = self._load(m)
+                warning = model.server_warning() if hasattr(model, "server_warning") else None
+                if warning:
+                    self.log(warning)
                 for v in self.variants:
                     t0 = time.perf_counter()
                     mode = cell_mode(self.cfg, v.spec, model, m)

@@ -62,6 +62,25 @@ class OpenAIModel:
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIModel(model={self.model!r}, base_url={self.base_url!r})"
 
+    def server_warning(self) -> str | None:
+        """One line when ``base_url`` is a `tunelab serve` whose ``/health`` says that its output depends on the
+        batch (half precision): an eval through it may not reproduce. None for any other endpoint."""
+        if not self.base_url:
+            return None
+        import httpx
+
+        root = self.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            health = httpx.get(root + "/health", timeout=5).json()
+        except Exception:  # noqa: BLE001 - not a tunelab server, or not up: nothing to say
+            return None
+        if isinstance(health, dict) and health.get("deterministic") is False:
+            dtype = health.get("dtype") or "half precision"
+            return (f"warning: {self.base_url} is a tunelab server computing in {dtype}: its greedy output and "
+                    "log-likelihoods depend on what else it batches, so these results may not reproduce (serve "
+                    "with --dtype float32)")
+        return None
+
     def count_tokens(self, messages: list[Message]) -> int:
         """An estimate (no tokenizer download): ~4 characters a token, 1 for CJK characters, +4 per message."""
         n = 0

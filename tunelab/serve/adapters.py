@@ -9,6 +9,7 @@ adapters and the base (PEFT's ``adapter_names`` argument routes each row through
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import OrderedDict, Counter
@@ -59,6 +60,29 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     if not any((p / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
         raise AdapterError(f"{p}: no adapter_model.safetensors (or .bin) beside adapter_config.json")
     return p.resolve()
+
+
+def registrable_dir(path: str, roots: list[Path], allowed: set[Path]) -> Path:
+    """The adapter directory an admin registration of ``path`` may use: resolved (symlinks, ``..``), it must lie
+    under one of ``roots`` (resolved directories) or be one of the ``allowed`` adapter directories (those the
+    server started with). A path that does not exist gets the same answer as one outside: the error tells
+    nothing about the file system beyond the roots."""
+    refused = AdapterError(f"adapter path {path!r} does not exist or is not under a directory this server "
+                           "registers adapters from (--adapter-root)")
+
+    def inside(p: Path) -> bool:
+        return p in allowed or any(p == r or p.is_relative_to(r) for r in roots)
+
+    try:
+        real = Path(os.path.realpath(Path(path).expanduser()))
+    except (OSError, ValueError, RuntimeError):
+        raise refused from None
+    if not (inside(real) or inside(Path(os.path.realpath(real / "adapter")))) or not real.is_dir():
+        raise refused
+    folder = Path(os.path.realpath(adapter_dir(real)))  # a run folder's adapter/ may be a link out of the root
+    if not inside(folder):
+        raise refused
+    return resolve_adapter_dir(folder)
 
 
 class AdapterRegistry:

@@ -129,7 +129,8 @@ class RequestHandle:
         if not self.finished:
             self.cancelled = True
             self.engine.wake()
-        self.engine._active -= 1
+        self.engine._active -= self.n
+        self.engine._active_prompts -= 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,7 +296,8 @@ class Engine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._active = 0  # requests in flight; changed on the event loop only
+        self._active = 0  # sequences in flight (prompts times n); changed on the event loop only
+        self._active_prompts = 0  # handles in flight (a completions request has one per prompt)
         self.dead: str | None = None
         # the running batch
         self._rows: list[Sequence] = []
@@ -327,26 +329,34 @@ class Engine:
         return self.dead is None and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"running": len(self._rows), "waiting": len(self._waiting), "active_requests": self._active,
+        return {"running": len(self._rows), "waiting": len(self._waiting), "active_requests": self._active_prompts,
+                "active_sequences": self._active,
                 "loaded_adapters": len(self.slots), "steps": self.steps,
                 "shared_prefix_tokens": self.shared_prefix_tokens}
 
     # -- event loop side -----------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], adapter: AdapterEntry | None, params: SamplingParams,
                n: int = 1) -> RequestHandle:
-        """Queue a request (call on the event loop). Raises EngineError 503 (engine down) or 429 (full)."""
+        """Queue a request of ``n`` sequences (call on the event loop). Raises EngineError 503 (engine down) or
+        429 (no room for ``n`` more sequences now)."""
         if not self.alive:
             raise EngineError("the engine is not running" + (f": {self.dead}" if self.dead else ""), 503,
                               "service_unavailable")
-        if self._active >= self.max_concurrent:
-            raise EngineError(f"too many requests in flight (limit {self.max_concurrent}); retry shortly",
-                              429, "rate_limit_exceeded")
+        self.check_room(n)
         handle = RequestHandle(self, prompt_ids, adapter, params, n, asyncio.get_running_loop())
-        self._active += 1
+        self._active += n
+        self._active_prompts += 1
         with self._lock:
             self._waiting.append(handle)
         self.wake()
         return handle
+
+    def check_room(self, sequences: int) -> None:
+        """429 (transient: retry) unless ``sequences`` more fit under ``max_concurrent`` now. A request that can
+        never fit is the caller's to refuse with a 400 first."""
+        if self._active + sequences > self.max_concurrent:
+            raise EngineError(f"the server is busy: {self._active} of its {self.max_concurrent} sequences are in "
+                              f"flight and this request needs {sequences}; retry shortly", 429, "rate_limit_exceeded")
 
     # -- engine thread -------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -143,6 +143,7 @@ class ChatCompletionRequest(_SamplingFields):
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(None, description="only allowed with tools (not supported)")
     top_logprobs: int | None = Field(None, ge=0, le=20)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
@@ -154,6 +155,13 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("tool calling is not supported by this server")
         return v
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_needs_tools(cls, v, info):
+        if v is not None and not info.data.get("tools"):  # as OpenAI answers it
+            raise ValueError("'tool_choice' is only allowed when 'tools' are specified")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "ChatCompletionRequest":
         if self.top_logprobs and not self.logprobs:
@@ -163,6 +171,11 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field the request set its limit with (errors name it)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 class TopLogprob(BaseModel):
@@ -318,7 +331,15 @@ class Health(BaseModel):
     loaded_adapters: int = Field(description="adapters currently loaded (LRU-bounded)")
     running: int = Field(description="sequences in the decode batch")
     waiting: int = Field(description="requests queued for a batch slot")
-    active_requests: int = Field(description="requests in flight (counted against --max-concurrent)")
+    active_requests: int = Field(description="prompts in flight (a completions request counts each of its "
+                                             "prompts)")
+    active_sequences: int = Field(0, description="sequences in flight: prompts times n, counted against "
+                                                 "--max-concurrent")
+    dtype: str = Field("float32", description="what the model computes in: float32, or bfloat16 / float16 "
+                                              "(autocast)")
+    deterministic: bool = Field(True, description="true in float32: a sequence's greedy output and "
+                                                  "log-likelihoods do not depend on the other sequences in its "
+                                                  "batch; false in half precision, where they may")
 
 
 class RegisterAdapterRequest(BaseModel):

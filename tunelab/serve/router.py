@@ -1,13 +1,11 @@
-"""HTTP routes: thin wrappers that check the key and hand the parsed request to ``OpenAIServing``."""
+"""HTTP routes: thin wrappers that hand the parsed request to ``OpenAIServing``. The keys are checked before
+this, in ``app.KeyCheck`` (a middleware, so that a request without the key is refused before its body is read)."""
 
 from __future__ import annotations
 
-import hmac
-
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tunelab.serve.errors import APIError
 from tunelab.serve.protocol import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
                                     ErrorResponse, Health, ModelCard, ModelList, RegisterAdapterRequest)
 from tunelab.serve.serving import OpenAIServing
@@ -21,21 +19,8 @@ def serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-def require_api_key(request: Request) -> None:
-    """``Authorization: Bearer <key>`` when the server was started with a key; the key is never echoed."""
-    key: str | None = request.app.state.api_key
-    if key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "You didn't provide an API key. Send it in an 'Authorization: Bearer <key>' header.",
-                       code="missing_api_key")
-    if not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
-admin = APIRouter(prefix="/admin", dependencies=[Depends(require_api_key)], responses=_ERRORS, tags=["admin"])
+v1 = APIRouter(prefix="/v1", responses=_ERRORS)
+admin = APIRouter(prefix="/admin", responses={**_ERRORS, 403: {"model": ErrorResponse}}, tags=["admin"])
 public = APIRouter()
 
 
@@ -63,21 +48,16 @@ async def retrieve_model(model: str, request: Request) -> ModelCard:
     return s.model_card(s.resolve(model))
 
 
-def _admin_enabled(request: Request) -> None:
-    if request.app.state.api_key is None:
-        raise APIError(403, "admin endpoints are disabled: start the server with --api-key "
-                            "(or TUNELAB_API_KEY) to enable them", code="admin_disabled")
-
-
-@admin.post("/adapters", response_model=ModelCard, status_code=201, dependencies=[Depends(_admin_enabled)])
+@admin.post("/adapters", response_model=ModelCard, status_code=201)
 async def register_adapter(body: RegisterAdapterRequest, request: Request) -> ModelCard:
-    """Register a LoRA adapter directory under a model name; it loads on its first request."""
+    """Register a LoRA adapter directory (under one of the server's `--adapter-root` directories) under a model
+    name; it loads on its first request. Needs the admin key (`TUNELAB_ADMIN_KEY`)."""
     return serving(request).register_adapter(body.name, body.path)
 
 
-@admin.delete("/adapters/{name:path}", dependencies=[Depends(_admin_enabled)])
+@admin.delete("/adapters/{name:path}")
 async def unregister_adapter(name: str, request: Request) -> dict:
-    """Remove an adapter; running requests that use it finish first."""
+    """Remove an adapter; running requests that use it finish first. Needs the admin key."""
     return serving(request).unregister_adapter(name)
 
 

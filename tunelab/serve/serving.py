@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import AsyncIterator
 
 import anyio
@@ -15,7 +16,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 
 from tunelab import __version__
-from tunelab.serve.adapters import AdapterEntry, AdapterError, AdapterRegistry
+from tunelab.serve.adapters import AdapterEntry, AdapterError, AdapterRegistry, registrable_dir
 from tunelab.serve.config import ServeConfig
 from tunelab.serve.engine import ChoiceDelta, Engine, EngineError, RequestHandle, SamplingParams, TokenInfo
 from tunelab.serve.errors import APIError, error_body, from_engine
@@ -64,8 +65,11 @@ def sse(data: dict | str) -> str:
 class OpenAIServing:
     """The OpenAI endpoints over one engine (one base model and its adapters)."""
 
-    def __init__(self, config: ServeConfig, lm, engine: Engine, registry: AdapterRegistry):
+    def __init__(self, config: ServeConfig, lm, engine: Engine, registry: AdapterRegistry, *,
+                 adapter_roots: list[Path] = ()):
         self.config = config
+        self.adapter_roots = list(adapter_roots)
+        self.startup_adapters = {e.path for e in registry.entries()}  # re-registrable wherever they are
         self.lm = lm
         self.engine = engine
         self.registry = registry
@@ -96,9 +100,12 @@ class OpenAIServing:
 
     def health(self) -> Health:
         stats = self.engine.stats()
-        return Health(status="ok" if self.engine.alive else "unavailable", model=self.base_id,
+        half = getattr(self.lm, "autocast_dtype", None)
+        return Health(dtype=str(half).removeprefix("torch.") if half is not None else "float32",
+                      deterministic=half is None,status="ok" if self.engine.alive else "unavailable", model=self.base_id,
                       adapters=len(self.registry), loaded_adapters=stats["loaded_adapters"],
-                      running=stats["running"], waiting=stats["waiting"], active_requests=stats["active_requests"])
+                      running=stats["running"], waiting=stats["waiting"], active_requests=stats["active_requests"],
+                      active_sequences=stats["active_sequences"])
 
     def register_adapter(self, name: str, path: str) -> ModelCard:
         if name == self.base_id:
@@ -108,7 +115,8 @@ class OpenAIServing:
             raise APIError(409, f"an adapter named `{name}` is already registered; DELETE it first",
                            param="name", code="model_exists")
         try:
-            entry = self.registry.register(name, path)
+            entry = self.registry.register(name, registrable_dir(path, self.adapter_roots,
+                                                                 self.startup_adapters))
         except AdapterError as e:
             raise APIError(400, str(e), param="path", code="invalid_adapter") from None
         log.info("registered adapter %s from %s", name, entry.path)
@@ -132,24 +140,38 @@ class OpenAIServing:
                                 f"({self.max_prompt_tokens}); shorten it", param=param,
                            code="context_length_exceeded")
 
-    def _max_tokens(self, requested: int | None, default: int, prompt_len: int) -> int:
+    def _max_tokens(self, requested: int | None, default: int, prompt_len: int, param: str = "max_tokens") -> int:
         room = self.context_length - prompt_len
         if requested is None:
             return max(1, min(default, self.config.max_tokens_limit, room))
         if requested > self.config.max_tokens_limit:
-            raise APIError(400, f"max_tokens is {requested}, more than this server allows "
-                                f"({self.config.max_tokens_limit})", param="max_tokens", code="invalid_value")
+            raise APIError(400, f"{param} is {requested}, more than this server allows "
+                                f"({self.config.max_tokens_limit})", param=param, code="invalid_value")
         if requested > room:
             raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, "
                                 f"you requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
-                                f"{requested} for the completion). Reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
+                                f"{requested} for the completion). Reduce the prompt or {param}.",
+                           param=param, code="context_length_exceeded")
         return requested
 
     def _check_n(self, n: int) -> None:
         if n > self.config.max_n:
             raise APIError(400, f"n is {n}, more than this server allows ({self.config.max_n})", param="n",
                            code="invalid_value")
+
+    def _check_room(self, prompts: int, n: int) -> None:
+        """400 for a request larger than the server ever takes (prompts times n over the per-request cap),
+        429 for one that does not fit among the sequences in flight now."""
+        need, cap = prompts * n, self.config.max_sequences_per_request
+        if need > cap:
+            what = f"{prompts} prompts × n={n}" if prompts > 1 else f"n={n}"
+            raise APIError(400, f"this request asks for {need} sequences ({what}), more than one request may "
+                                f"ask for on this server ({cap}); send the prompts in smaller requests",
+                           param="prompt" if prompts > 1 else "n", code="invalid_value")
+        try:
+            self.engine.check_room(need)
+        except EngineError as e:
+            raise from_engine(e) from None
 
     def _submit(self, ids: list[int], entry: AdapterEntry | None, params: SamplingParams, n: int) -> RequestHandle:
         try:
@@ -169,9 +191,11 @@ class OpenAIServing:
         except Exception as e:  # noqa: BLE001 - a template that rejects these messages (e.g. role order)
             raise APIError(400, f"the chat template rejected these messages: {str(e).splitlines()[0]}",
                            param="messages") from None
+        self._check_room(1, req.n)
         ids = self._encode_text(text)
         self._check_prompt(ids, "messages")
-        max_tokens = self._max_tokens(req.requested_max_tokens, self.config.default_max_tokens, len(ids))
+        max_tokens = self._max_tokens(req.requested_max_tokens, self.config.default_max_tokens, len(ids),
+                                      req.max_tokens_param)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                 stop=tuple(req.stop_list), seed=req.seed,
                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
@@ -228,6 +252,7 @@ class OpenAIServing:
         entry = self.resolve(req.model)
         self._check_n(req.n)
         prompts = _prompt_list(req.prompt)
+        self._check_room(len(prompts), req.n)
         encoded: list[tuple[str, list[int]]] = []
         for p in prompts:
             if isinstance(p, str):
