@@ -122,3 +122,36 @@ def test_directory_identity_follows_the_content(tmp_path):
             os.utime(f, (1_700_000_000, 1_700_000_000))  # the same second for every file
     a, last, copy = (_dir_identity(d) for d in dirs)
     assert a != last and a == copy
+
+
+def test_one_adapter_is_folded_into_the_weights_with_the_same_scores(tmp_path, tiny_model_dir):
+    """eval --adapter scores with the adapter merged into the base (no PEFT layers left, so it runs at the base's
+    speed), and its choice log-likelihoods equal those of the unmerged PeftModel."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                           init_lora_weights=False))  # random A and B: a visible change
+    peft.save_pretrained(str(tmp_path / "adapter"))
+    m = load_model(str(tiny_model_dir), adapter=tmp_path / "adapter", dtype="float32")
+    assert not any("lora" in name for name, _ in m.model.named_modules())
+    prompts = [[{"role": "user", "content": t}] for t in ("I loved it", "이 영화 최고")]
+    choices = ["Positive", "Negative"]
+    got = m.score_choices(prompts, choices)
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
+        str(tmp_path / "adapter")).eval()
+    plain = load_model(str(tiny_model_dir), dtype="float32").score_choices(prompts, choices)
+    tok = m.tokenizer
+    for p, s, b in zip(prompts, got, plain):
+        text = m.render(p)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        for c, lp, base_lp in zip(choices, s.logprobs, b.logprobs):
+            ids = tok(text + c + m.end_of_turn, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                logp = unmerged(input_ids=ids).logits.log_softmax(-1)[0]
+            want = sum(logp[j - 1, ids[0, j]].item() for j in range(n, ids.shape[1]))
+            assert lp == pytest.approx(want, abs=1e-3)
+            assert abs(lp - base_lp) > 1e-3  # the adapter is really applied

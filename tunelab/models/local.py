@@ -110,9 +110,14 @@ class LocalModel:
         if tmpl.is_file():  # train and inference render the same tokens
             self.tokenizer.chat_template = tmpl.read_text(encoding="utf-8")
         try:
-            return PeftModel.from_pretrained(model, str(adapter))
+            adapted = PeftModel.from_pretrained(model, str(adapter))
         except (RuntimeError, ValueError, KeyError) as e:
             raise adapter_load_error(adapter, e) from None
+        # One adapter for the model's lifetime: fold it into the (fp32) base weights. Unmerged PEFT layers run
+        # two extra small matmuls per linear and per token (the eval of one adapter cost ~10x the base's on the
+        # CPU); the merged weights give the same outputs (`tunelab merge` checks greedy equality) at the base's
+        # speed. Serving many adapters keeps them unmerged (serve/adapters.py).
+        return adapted.merge_and_unload()
 
     def _pick_autocast(self, dtype: str) -> torch.dtype | None:
         if dtype in ("float32", "fp32"):
