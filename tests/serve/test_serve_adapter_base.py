@@ -23,11 +23,12 @@ def test_registering_an_adapter_of_another_base_is_a_400(tiny_adapter, tiny_mode
     from tunelab.serve.config import ServeConfig
     from tunelab.serve.errors import APIError
 
-    other = build_app(ServeConfig(dtype="float32"), LocalModel(str(other_bases["weights"]), dtype="float32"))
+    cfg = ServeConfig(dtype="float32", adapter_roots=[str(tiny_adapter.parent)])  # registrable: only under a root
+    other = build_app(cfg, LocalModel(str(other_bases["weights"]), dtype="float32"))
     with pytest.raises(APIError) as e:
         other.state.serving.register_adapter("sent", str(tiny_adapter))
     assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_adapter", "path")
     assert "was trained on another base model" in e.value.message and str(tiny_model_dir) in e.value.message
     assert other.state.serving.registry.get("sent") is None
-    own = build_app(ServeConfig(dtype="float32"), LocalModel(str(tiny_model_dir), dtype="float32"))
+    own = build_app(cfg, LocalModel(str(tiny_model_dir), dtype="float32"))
     assert own.state.serving.register_adapter("sent", str(tiny_adapter)).id == "sent"
