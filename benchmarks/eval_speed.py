@@ -1,22 +1,29 @@
-"""How much faster is tunelab's label scoring than a naive loop, and what does few-shot cost?
+"""How much faster is tunelab's label scoring than a naive loop, what does few-shot cost, and what does an adapter cost?
 
 Measured side by side in one run on NSMC dev reviews with the bundled model:
 
 * naive: one item at a time, ``model.generate`` (greedy, fp32, the whole prompt every time), then parse;
 * tunelab: log-likelihood of each label, items batched, the shared prompt prefix's KV cache reused,
-  the output projection only where a label token is predicted (``LocalModel.score_choices``).
+  the output projection only where a label token is predicted (``LocalModel.score_choices``);
+* adapter: the same zero-shot scoring with a LoRA adapter (r16, all linear layers, random non-zero weights) as
+  ``tunelab eval --adapter`` loads it (merged into the base), and, for comparison, the same adapter kept as
+  unmerged PEFT layers (what eval did before).
 
 The naive loop runs on the first ``--naive-items`` items (it is slow) and its per-item time is compared
-with tunelab's per-item time on all ``--items`` items. Ends with one JSON line of figures.
+with tunelab's per-item time on all ``--items`` items. Every figure is the median over ``--repeats`` rounds, and
+in each round every path runs once, one after the other (interleaved), so a busy moment of the machine touches
+all of them alike. Ends with one JSON line of figures.
 
-    python benchmarks/eval_speed.py [--items 200] [--naive-items 40]
+    python benchmarks/eval_speed.py [--items 200] [--naive-items 24] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,10 +60,38 @@ def fast(model, spec, items) -> tuple[float, float]:
     return per_item, acc
 
 
+def random_adapter(model, out: Path) -> Path:
+    """A LoRA adapter of the default recipe's shape (r16, all linear layers) with random non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(model.path), dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    peft.save_pretrained(str(out))
+    return out
+
+
+def unmerged(adapter: Path):
+    """The bundled model with ``adapter`` as unmerged PEFT layers (how ``eval --adapter`` ran before)."""
+    from peft import PeftModel
+
+    from tunelab.models.scoring import PrefixScorer
+
+    m = load_model(None)
+    m.model = PeftModel.from_pretrained(m.model, str(adapter)).eval()
+    m._scorer = PrefixScorer(m.model, autocast_dtype=m.autocast_dtype)
+    return m
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=200)
-    ap.add_argument("--naive-items", type=int, default=40)
+    ap.add_argument("--naive-items", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", default=str(ROOT / "examples/data/nsmc_three_dev_300.jsonl"))
     args = ap.parse_args()
 
@@ -65,29 +100,54 @@ def main() -> None:
     eight = load_prompt_spec(ROOT / "examples/prompts/sentiment_8shot.yaml")
     naive_model = load_model(None, dtype="float32")  # what a plain loop gets from from_pretrained
     model = load_model(None)  # tunelab's defaults (bf16 autocast where the CPU has native bf16)
-    model.score_choices([zero.render(items[0])], zero.labels)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = random_adapter(model, Path(tmp) / "adapter")
+        with_adapter = load_model(None, adapter=adapter)  # as `tunelab eval --adapter` loads it: merged
+        peft_layers = unmerged(adapter)
+    for m in (model, naive_model, with_adapter, peft_layers):
+        m.score_choices([zero.render(items[0])], zero.labels)  # warm-up
+
+    runs: dict[str, list[float]] = {}
+    acc: dict[str, float] = {}
+    few = items[:args.naive_items]
+    for r in range(args.repeats):
+        for name, spec in (("zero_shot", zero), ("eight_shot", eight)):
+            runs.setdefault(f"{name}.naive", []).append(naive_loop(naive_model, spec, few))
+            t, acc[name] = fast(model, spec, items)
+            runs.setdefault(f"{name}.fast", []).append(t)
+            runs.setdefault(f"{name}.fast_fp32", []).append(fast(naive_model, spec, items)[0])
+        runs.setdefault("adapter.merged", []).append(fast(with_adapter, zero, items)[0])
+        runs.setdefault("adapter.unmerged", []).append(fast(peft_layers, zero, few)[0])
+        print(f"round {r + 1}/{args.repeats}: " + "  ".join(f"{k} {v[-1] * 1000:.0f}" for k, v in runs.items())
+              + " ms/item", flush=True)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in runs.items()}
 
     results = {}
     for name, spec in (("zero_shot", zero), ("eight_shot", eight)):
-        naive_s = naive_loop(naive_model, spec, items[:args.naive_items])
-        fast_s, acc = fast(model, spec, items)
-        fast32_s, _ = fast(naive_model, spec, items)
+        naive_s, fast_s, fast32_s = med[f"{name}.naive"], med[f"{name}.fast"], med[f"{name}.fast_fp32"]
         tokens = sum(model.count_tokens(spec.render(it)) for it in items) / len(items)
-        results[name] = dict(naive_ms=naive_s * 1000, fast_ms=fast_s * 1000, fast_fp32_ms=fast32_s * 1000,
-                             speedup=naive_s / fast_s, speedup_fp32=naive_s / fast32_s, accuracy=acc,
-                             prompt_tokens=tokens)
+        results[name] = dict(speedup=naive_s / fast_s, speedup_fp32=naive_s / fast32_s, prompt_tokens=tokens)
         print(f"{name:10s}  prompt {tokens:6.0f} tok/item  naive {naive_s * 1000:7.1f} ms/item  "
               f"tunelab {fast_s * 1000:6.1f} ms/item (fp32 {fast32_s * 1000:6.1f})  "
-              f"speed-up {naive_s / fast_s:5.1f}x (fp32 {naive_s / fast32_s:4.1f}x)  accuracy {acc:.3f}", flush=True)
-    fewshot_cost = results["eight_shot"]["fast_ms"] / results["zero_shot"]["fast_ms"]
+              f"speed-up {naive_s / fast_s:5.1f}x (fp32 {naive_s / fast32_s:4.1f}x)  accuracy {acc[name]:.3f}", flush=True)
+    fewshot_cost = med["eight_shot.fast"] / med["zero_shot.fast"]
     print(f"8-shot cost relative to zero-shot with tunelab: {fewshot_cost:.2f}x "
           f"(prompt {results['eight_shot']['prompt_tokens'] / results['zero_shot']['prompt_tokens']:.1f}x longer)")
+    adapter_ratio = med["zero_shot.fast"] / med["adapter.merged"]
+    unmerged_ratio = med["zero_shot.fast"] / med["adapter.unmerged"]
+    print(f"adapter (r16 all-linear) zero-shot: {med['adapter.merged'] * 1000:.1f} ms/item as eval --adapter loads it "
+          f"(merged): {adapter_ratio:.2f}x the base's items/s; unmerged PEFT layers {med['adapter.unmerged'] * 1000:.1f} "
+          f"ms/item: {unmerged_ratio:.2f}x")
+    print("largest spread over rounds (max-min)/median: " + f"{max(spread.values()):.0%} ({max(spread, key=spread.get)})")
     figures = {"speedup": round(results["eight_shot"]["speedup"], 2),
                "speedup_zero_shot": round(results["zero_shot"]["speedup"], 2),
                "speedup_fp32": round(results["eight_shot"]["speedup_fp32"], 2),
                "fewshot_cost": round(fewshot_cost, 3),
-               "naive_ms_per_item_zero_shot": round(results["zero_shot"]["naive_ms"], 1),
-               "items": len(items), "naive_items": args.naive_items}
+               "adapter_vs_base": round(adapter_ratio, 3), "unmerged_adapter_vs_base": round(unmerged_ratio, 3),
+               "naive_ms_per_item_zero_shot": round(med["zero_shot.naive"] * 1000, 1),
+               "items": len(items), "naive_items": args.naive_items, "repeats": args.repeats,
+               "max_spread": round(max(spread.values()), 3)}
     print(json.dumps(figures))
 
 
