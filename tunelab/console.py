@@ -82,3 +82,6 @@ def quiet_libraries() -> None:
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes (lora.quantize) logs on every 8-bit matmul that it casts the input to fp16, and at import on a
+    # CPU with AVX512-BF16 that the optional `kernels` package is missing (it falls back to its own kernels).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

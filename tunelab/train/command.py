@@ -61,6 +61,9 @@ def train_cmd(
     lora_alpha: float = field_option(TrainConfig, "lora.alpha", "--lora-alpha"),
     target_modules: str = field_option(TrainConfig, "lora.target_modules", "--target-modules",
                                        help="all-linear or comma-separated names (q_proj,v_proj)"),
+    quantize: str = field_option(
+        TrainConfig, "lora.quantize", "--quantize",
+        help=choices(TrainConfig, "lora.quantize") + ": LoRA on a base loaded in 4-bit NF4 (QLoRA) or 8-bit."),
     init_adapter: Optional[Path] = field_option(
         TrainConfig, "lora.init_adapter", "--init-adapter",
         help="LoRA: start from this adapter (continue it, or carry it to a related task)."),

@@ -64,6 +64,10 @@ class LoraSettings(StrictModel):
     frozen_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="storage of the frozen base Linear weights; auto: the autocast dtype "
                             "(saves the per-step weight casts and half their memory)")
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none", description="load the frozen base Linear weights quantised (bitsandbytes; QLoRA): nf4 = 4-bit "
+                            "NormalFloat with double quantisation, int8 = 8-bit; LoRA trains on top in the autocast "
+                            "dtype and is saved as a plain PEFT adapter for the full-precision base. none: off")
     init_adapter: str | None = Field(
         None, description="start from this PEFT adapter (a directory with adapter_config.json, or a train --out "
                           "directory holding adapter/) instead of fresh A, B: continue training it, or carry it "
@@ -236,6 +240,9 @@ class TrainConfig(StrictModel):
         if self.method != "lora" and self.lora.init_adapter:
             raise ValueError(f"lora.init_adapter is for method lora; for {self.method}, merge the adapter first "
                              f"(tunelab merge) and give the merged model as model")
+        if self.method != "lora" and self.lora.quantize != "none":
+            raise ValueError(f"lora.quantize is for method lora (a frozen quantised base under trained LoRA "
+                             f"weights); method {self.method} trains the weights themselves")
         if self.method == "pretrain" and self.train.prompt_loss_weight:
             raise ValueError("train.prompt_loss_weight is for SFT (lora, full): pretrain already trains every token")
         if self.method == "pretrain" and self.data.format not in ("auto", "text"):

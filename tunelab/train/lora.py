@@ -1,7 +1,7 @@
 """Recipe: LoRA through PEFT. The base stays frozen; small A, B matrices per target module are trained.
 
-    load base (fp32) -> forgetting probe (before) -> attach LoRA -> frozen Linear weights to the autocast dtype
-    -> fit -> OUT/adapter (PEFT dir + chat_template.jinja + prompt_spec.yaml) -> probe, eval, report
+    load base (fp32; lora.quantize: Linear weights nf4/int8) -> forgetting probe (before) -> attach LoRA
+    -> frozen Linear weights to the autocast dtype -> fit -> OUT/adapter (PEFT dir + chat_template.jinja + prompt_spec.yaml) -> probe, eval, report
 
 Run: ``tunelab train --method lora --prompt SPEC.yaml --data FILE.jsonl --out DIR`` or
 ``tunelab train examples/train/nsmc_lora.yaml``.
@@ -19,6 +19,7 @@ from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
 from tunelab.train.preview import dry_run_summary, show_preview
+from tunelab.train.quantize import base_linear_bytes
 from tunelab.train.finish import finish
 from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import TrainSession, start_session
@@ -73,6 +74,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force:
     if dry_run:
         return dry_run_summary(r)
     model = load_base_model(r)
+    if cfg.lora.quantize != "none":
+        b = base_linear_bytes(model)
+        r.log(f"base quantised ({cfg.lora.quantize}, bitsandbytes): {b['quantized']} of {b['linears']} Linear weights, "
+              f"{b['bytes'] / 2**20:.2f} MiB in memory, {b['ratio']:.3f}x their bf16 size")
     probe = ForgettingProbe.create(r)
     probe.measure_before(r, model)
     model = attach_lora(model, cfg.lora, r)

@@ -1,5 +1,6 @@
-"""The model a run trains: the base causal LM in fp32 with the run's attention, norm casts and activation
-checkpointing (``load_base_model``), and its parameters (``count_parameters``, ``trainable_named``).
+"""The model a run trains: the base causal LM in fp32 (or, with ``lora.quantize``, its Linear weights quantised)
+with the run's attention, norm casts and activation checkpointing (``load_base_model``), and its parameters
+(``count_parameters``, ``trainable_named``).
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ import torch
 from tunelab.errors import ModelError
 from tunelab.train.attention import resolve_attention, use_varlen_attention
 from tunelab.train.precision import cast_norm_outputs
+from tunelab.train.quantize import load_quantized, logical_numel
 from tunelab.train.session import TrainSession
 
 
 def load_base_model(run: TrainSession) -> torch.nn.Module:
-    """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing."""
+    """The base causal LM in fp32 (master weights), in train mode, optionally with activation checkpointing. With
+    ``lora.quantize`` (a LoRA run) its Linear weights are loaded quantised on the run's device instead."""
     from transformers import AutoModelForCausalLM
 
     if run.device.type == "cpu":
         # Grouped-query attention without materialising the repeated keys/values (CPU SDPA handles a mask with
         # it; tested equal): less activation memory. On CUDA a mask would force the slow kernel, so not there.
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(run.model_path), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model from {run.model_path}: {str(e).splitlines()[0]}") from None
+    quantize = run.cfg.lora.quantize if run.cfg.method == "lora" else "none"
+    if quantize != "none":
+        model = load_quantized(run.model_path, quantize, run.device, compute_dtype=run.autocast)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(run.model_path), dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"cannot load model from {run.model_path}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = False
     t = run.cfg.train
     run.varlen = False
@@ -40,11 +47,11 @@ def load_base_model(run: TrainSession) -> torch.nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(run.device)
+    return model if quantize != "none" else model.to(run.device)  # a quantised model is placed as it loads
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, Any]:
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(logical_numel(p) for p in model.parameters())  # a 4-bit weight: the weights it stands for
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable, "trainable_share": trainable / max(1, total)}
 

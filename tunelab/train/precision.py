@@ -65,13 +65,14 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store frozen Linear weights in ``dtype``: autocast would cast them to it on every call anyway.
 
     Embeddings, norms and anything tied to the embeddings (the lm_head of SmolLM2) stay fp32, so the residual
-    stream keeps its precision. Returns the number of weights cast.
+    stream keeps its precision, and so do quantised weights (``lora.quantize``: not floating point). Returns the
+    number of weights cast.
     """
     emb = model.get_input_embeddings().weight
     n = 0
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not emb \
-                and m.weight.dtype != dtype:
+                and m.weight.dtype.is_floating_point and m.weight.dtype != dtype:
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None:
                 m.bias.data = m.bias.data.to(dtype)
