@@ -34,9 +34,10 @@ FORMATS = ("gguf", "hf")
 DTYPES = ("f16", "q8_0")
 # HF architecture -> llama.cpp architecture. Other architectures are refused before anything is loaded.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-# Largest |logit difference| allowed between the HF model (fp32) and the GGUF read back, per dtype (measured on the
-# bundled model: docs/train.md, "Export"); greedy tokens must be equal for f16, and for q8_0 on the first tokens.
-TOLERANCE = {"f16": 0.05, "q8_0": 1.0}
+# Largest |logit difference| allowed between the HF model (fp32) and the GGUF read back, over every position of the
+# probe prompts, per dtype: about twice what the bundled model measures (f16: 0.041, q8_0: 1.49; docs/train.md,
+# "Export"). Greedy tokens must be equal on every probe for f16; for q8_0 the first generated token must be.
+TOLERANCE = {"f16": 0.1, "q8_0": 3.0}
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the ids a tokenizer gives for this text
 # (convert_hf_to_gguf.py, get_vocab_base_pre); the few vocabularies tunelab's architectures use.
@@ -103,17 +104,26 @@ def gguf_architecture(model_dir: Path) -> str:
 
 
 def pre_tokenizer_name(tok, where: Path) -> str:
-    """The name llama.cpp gives this tokenizer's pre-tokenizer (``tokenizer.ggml.pre``), found as its converter does:
-    by the hash of the ids of ``CHKTXT``."""
+    """The name llama.cpp gives this tokenizer's pre-tokenizer (``tokenizer.ggml.pre``): found as its converter finds
+    it, by the hash of the ids of ``CHKTXT``, else by the expression the pre-tokenizer splits text with (GPT-2's, or
+    Qwen2's on another vocabulary)."""
     backend = json.loads(tok.backend_tokenizer.to_str()) if getattr(tok, "backend_tokenizer", None) else {}
-    if backend.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+    pre = backend.get("pre_tokenizer") or {}
+    if backend.get("model", {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
         raise ModelError(f"{where}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2, Llama 3, Qwen2 use) can be "
                          "exported to GGUF; this one is not")
     digest = sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
-    if digest not in PRE_TOKENIZERS:
-        raise ModelError(f"{where}: llama.cpp does not know this tokenizer's pre-tokenizer (hash {digest[:12]}); "
-                         f"known: {', '.join(sorted(PRE_TOKENIZERS.values()))}")
-    return PRE_TOKENIZERS[digest]
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest]
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    splits = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+    if splits == [PRETOKENIZE_REGEX]:
+        return "qwen2"
+    raise ModelError(f"{where}: llama.cpp does not know this tokenizer's pre-tokenizer (hash {digest[:12]}); "
+                     f"known: {', '.join(sorted(PRE_TOKENIZERS.values()))}")
 
 
 def resolve_source(source: str) -> tuple[str, Path]:
@@ -258,7 +268,7 @@ def write_gguf(model, tok, model_dir: Path, path: Path, arch: str, dtype: str, *
 # ---- the check -----------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def last_logits(model, tok, prompts: list[list[dict]]) -> list[torch.Tensor]:
+def prompt_logits(model, tok, prompts: list[list[dict]]) -> list[torch.Tensor]:
     out = []
     for msgs in prompts:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
@@ -278,8 +288,9 @@ def check_gguf(model, tok, path: Path, prompts: list[list[dict]], dtype: str, ma
     special = {k: (getattr(tok, k), getattr(gtok, k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     gmodel = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     want, got = greedy(model, tok, prompts, max_new_tokens), greedy(gmodel, tok, prompts, max_new_tokens)
-    diff = max(float((a - b).abs().max()) for a, b in zip(last_logits(model, tok, prompts),
-                                                         last_logits(gmodel, tok, prompts)))
+    pairs = list(zip(prompt_logits(model, tok, prompts), prompt_logits(gmodel, tok, prompts)))
+    diff = max(float((a - b).abs().max()) for a, b in pairs)
+    top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in pairs) / sum(len(a) for a, _ in pairs)
     same = [w == g for w, g in zip(want, got)]
     agree = [next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
              for w, g in zip(want, got)]
@@ -288,7 +299,7 @@ def check_gguf(model, tok, path: Path, prompts: list[list[dict]], dtype: str, ma
             "chat_template_identical": gtok.chat_template == tok.chat_template,
             "special_tokens": {k: list(v) for k, v in special.items()},
             "greedy_identical": sum(same), "greedy_first_divergence": agree,
-            "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype],
+            "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype], "top1_agreement": top1,
             "mismatches": [{"prompt": p[-1]["content"], "hf": tok.decode(w), "gguf": tok.decode(g)}
                            for p, w, g, s in zip(prompts, want, got, same) if not s]}
 
@@ -304,6 +315,8 @@ def check_failure(check: dict) -> str | None:
     if check["max_abs_logit_diff"] > check["tolerance"]:
         return (f"logits differ by up to {check['max_abs_logit_diff']:.4g} (tolerance for {check['dtype']}: "
                 f"{check['tolerance']})")
+    if check["dtype"] != "f16" and 0 in check["greedy_first_divergence"]:
+        return "the first greedy token differs on a probe prompt"
     if check["dtype"] == "f16" and check["mismatches"]:
         m = check["mismatches"][0]
         return (f"greedy outputs differ on {len(check['mismatches'])} of {check['probes']} probe prompts (first: "
@@ -401,7 +414,8 @@ def export_model(source: str, out: Path, *, fmt: str = "gguf", dtype: str | None
     arch = gguf_architecture(base)
     pre_tokenizer_name(load_tokenizer(base), base)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.is_dir() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if kind == "adapter":  # merged (and checked) by tunelab merge's code, into a scratch folder
             merge_adapter(path, work / "merged", model=model, probe_file=probe_file, max_new_tokens=max_new_tokens,
@@ -418,14 +432,15 @@ def export_model(source: str, out: Path, *, fmt: str = "gguf", dtype: str | None
             failed = out.with_name(f".{out.name}.failed")
             os.replace(work / out.name, failed)
             raise ExportCheckError(f"export check FAILED: {why}; the file is kept as {failed}")
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(work / out.name, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     modelfile.write_text(text, encoding="utf-8")
     log(f"export check passed: tokenizer ids identical on {len(PROBE_TEXTS) + len(prompts)} texts, greedy outputs "
         f"identical on {check['greedy_identical']} of {len(prompts)} probe prompts ({max_new_tokens} tokens), "
-        f"logits within {check['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[dtype]})")
+        f"(first divergence at token {min(check['greedy_first_divergence'])}), logits within "
+        f"{check['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[dtype]}), next-token top-1 agreement "
+        f"{check['top1_agreement']:.1%}")
     if not templated:
         log(f"note: the chat template is not ChatML; {modelfile.name} has no TEMPLATE (Ollama reads the one in the "
             "GGUF)")
