@@ -34,10 +34,11 @@ FORMATS = ("gguf", "hf")
 DTYPES = ("f16", "q8_0")
 # HF architecture -> llama.cpp architecture. Other architectures are refused before anything is loaded.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-# Largest |logit difference| allowed between the HF model (fp32) and the GGUF read back, over every position of the
-# probe prompts, per dtype: about twice what the bundled model measures (f16: 0.041, q8_0: 1.49; docs/train.md,
-# "Export"). Greedy tokens must be equal on every probe for f16; for q8_0 the first generated token must be.
-TOLERANCE = {"f16": 0.1, "q8_0": 3.0}
+# Largest logit difference allowed between the HF model (fp32) and the GGUF read back, over every position of the
+# probe prompts, relative to the largest |logit| of the HF model. Measured: bundled model f16 0.10%, q8_0 3.8%; a tiny
+# random llama f16 0.03%, q8_0 0.73% (docs/train.md, "Export"). Greedy tokens must also be equal on every probe for
+# f16; for q8_0 they are reported (q8_0 moves near-tied logits, so a probe may diverge after a few tokens).
+TOLERANCE = {"f16": 0.005, "q8_0": 0.10}
 
 # llama.cpp names a BPE pre-tokenizer by the hash of the ids a tokenizer gives for this text
 # (convert_hf_to_gguf.py, get_vocab_base_pre); the few vocabularies tunelab's architectures use.
@@ -290,6 +291,7 @@ def check_gguf(model, tok, path: Path, prompts: list[list[dict]], dtype: str, ma
     want, got = greedy(model, tok, prompts, max_new_tokens), greedy(gmodel, tok, prompts, max_new_tokens)
     pairs = list(zip(prompt_logits(model, tok, prompts), prompt_logits(gmodel, tok, prompts)))
     diff = max(float((a - b).abs().max()) for a, b in pairs)
+    scale = max(float(a.abs().max()) for a, _ in pairs)
     top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in pairs) / sum(len(a) for a, _ in pairs)
     same = [w == g for w, g in zip(want, got)]
     agree = [next((i for i, (a, b) in enumerate(zip(w, g)) if a != b), min(len(w), len(g)))
@@ -299,7 +301,8 @@ def check_gguf(model, tok, path: Path, prompts: list[list[dict]], dtype: str, ma
             "chat_template_identical": gtok.chat_template == tok.chat_template,
             "special_tokens": {k: list(v) for k, v in special.items()},
             "greedy_identical": sum(same), "greedy_first_divergence": agree,
-            "max_abs_logit_diff": diff, "tolerance": TOLERANCE[dtype], "top1_agreement": top1,
+            "max_abs_logit_diff": diff, "max_abs_logit": scale, "relative_logit_diff": diff / max(scale, 1e-12),
+            "tolerance": TOLERANCE[dtype], "top1_agreement": top1,
             "mismatches": [{"prompt": p[-1]["content"], "hf": tok.decode(w), "gguf": tok.decode(g)}
                            for p, w, g, s in zip(prompts, want, got, same) if not s]}
 
@@ -312,11 +315,9 @@ def check_failure(check: dict) -> str | None:
         return "the chat template read back differs"
     if any(a != b for a, b in check["special_tokens"].values()):
         return f"special token ids differ: {check['special_tokens']}"
-    if check["max_abs_logit_diff"] > check["tolerance"]:
-        return (f"logits differ by up to {check['max_abs_logit_diff']:.4g} (tolerance for {check['dtype']}: "
-                f"{check['tolerance']})")
-    if check["dtype"] != "f16" and 0 in check["greedy_first_divergence"]:
-        return "the first greedy token differs on a probe prompt"
+    if check["relative_logit_diff"] > check["tolerance"]:
+        return (f"logits differ by up to {check['max_abs_logit_diff']:.4g}, {check['relative_logit_diff']:.2%} of the "
+                f"largest |logit| (tolerance for {check['dtype']}: {check['tolerance']:.1%})")
     if check["dtype"] == "f16" and check["mismatches"]:
         m = check["mismatches"][0]
         return (f"greedy outputs differ on {len(check['mismatches'])} of {check['probes']} probe prompts (first: "
@@ -436,11 +437,13 @@ def export_model(source: str, out: Path, *, fmt: str = "gguf", dtype: str | None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     modelfile.write_text(text, encoding="utf-8")
+    diverged = "" if check["greedy_identical"] == len(prompts) else \
+        f", the others diverging from token {min(check['greedy_first_divergence']) + 1}"
     log(f"export check passed: tokenizer ids identical on {len(PROBE_TEXTS) + len(prompts)} texts, greedy outputs "
-        f"identical on {check['greedy_identical']} of {len(prompts)} probe prompts ({max_new_tokens} tokens), "
-        f"(first divergence at token {min(check['greedy_first_divergence'])}), logits within "
-        f"{check['max_abs_logit_diff']:.3g} (tolerance {TOLERANCE[dtype]}), next-token top-1 agreement "
-        f"{check['top1_agreement']:.1%}")
+        f"identical on {check['greedy_identical']} of {len(prompts)} probe prompts ({max_new_tokens} tokens{diverged}), "
+        f"logits within "
+        f"{check['max_abs_logit_diff']:.3g} = {check['relative_logit_diff']:.2%} of the largest (tolerance "
+        f"{TOLERANCE[dtype]:.1%}), next-token top-1 agreement {check['top1_agreement']:.1%}")
     if not templated:
         log(f"note: the chat template is not ChatML; {modelfile.name} has no TEMPLATE (Ollama reads the one in the "
             "GGUF)")
