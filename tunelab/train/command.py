@@ -1,4 +1,4 @@
-"""`tunelab train` and `tunelab merge` (registered by tunelab/cli.py)."""
+"""`tunelab train`, `tunelab merge` and `tunelab export` (registered by tunelab/cli.py)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,37 @@ def merge_cmd(
     print(str(res.out))
 
 
+def export_cmd(
+    source: str = typer.Argument(..., help="A model (bundled | HF dir | .gguf), a train --out directory, or an "
+                                           "adapter directory (merged on the way, as `tunelab merge` does)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The .gguf file to write (--format gguf; an Ollama Modelfile "
+                                                      "goes beside it), or a new directory (--format hf)."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp, Ollama) | hf (safetensors directory)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="GGUF weights: f16 (default) | q8_0"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="An adapter's base (default: the one trained "
+                                                                    "on)."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="JSONL of probe prompts for the checks."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Greedy tokens compared per probe."),
+    allow_other_base: bool = typer.Option(False, "--allow-other-base",
+                                          help="Merge an adapter into a same-shaped base other than its own."),
+) -> None:
+    """Export a model or a run's adapter as GGUF (+ Ollama Modelfile) or a merged HF directory, read back and checked.
+
+    tunelab export runs/train/x --format gguf --dtype q8_0 --out exports/x.gguf
+    """
+    from tunelab.console import new_progress, progress_factory
+    from tunelab.train.export import export_model
+
+    with new_progress(transient=True) as progress:
+        res = export_model(source, out, fmt=fmt, dtype=dtype, model=model, probe_file=probe,
+                           max_new_tokens=max_new_tokens, allow_other_base=allow_other_base, log=stderr_log,
+                           progress=progress_factory(progress))
+    print(str(res.out))
+    if res.modelfile is not None:
+        print(str(res.modelfile))
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
     app.command("merge")(merge_cmd)
+    app.command("export")(export_cmd)
