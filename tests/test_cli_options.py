@@ -48,6 +48,7 @@ NOT_CONFIG_FIELDS = {
     "run": {"experiment": "the experiment file itself", "out": "run folder (default runs/<name>)",
             "force": "a run option", "only": "a run option", "limit": "a smoke run over every stage"},
     "compare": {"run_a": "a run folder", "run_b": "a run folder"},
+    "vocab extend": {"data": "a path", "out": "a path"},
 }
 
 

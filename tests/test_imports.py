@@ -151,7 +151,7 @@ LAYERS = [
     {"tunelab.data"},
     {"tunelab.prompts", "tunelab.models", "tunelab.report"},
     {"tunelab.evaluate"},
-    {"tunelab.generate", "tunelab.train", "tunelab.serve"},
+    {"tunelab.generate", "tunelab.train", "tunelab.serve", "tunelab.vocab"},
     {"tunelab.run"},
 ]
 CLI = {"tunelab.cli", "tunelab.console", "tunelab.options"}

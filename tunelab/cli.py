@@ -17,7 +17,8 @@ app = typer.Typer(help="tunelab: measure prompts, generate teacher data, fine-tu
 
 # Each module has register(app); the order is the order of `tunelab --help`.
 COMMAND_MODULES = ("tunelab.evaluate.command", "tunelab.prompts.command", "tunelab.train.command",
-                   "tunelab.generate.command", "tunelab.serve.command", "tunelab.run.command")
+                   "tunelab.generate.command", "tunelab.serve.command", "tunelab.vocab.command",
+                   "tunelab.run.command")
 
 
 @app.callback(invoke_without_command=True)
