@@ -8,7 +8,9 @@
 2. the base identity tunelab records beside the adapter when it trains one (``tunelab_train.json``,
    ``base_identity``: the base's name and path, the size fields of its config.json and a fingerprint of its weights)
    with the base given: an adapter trained on a same-shaped but different base (another fine-tune of the same
-   architecture) is refused too, unless the caller allows it (``allow_other_base``: then ``warn`` says so).
+   architecture) is refused too, unless the caller allows it (``allow_other_base``: then ``warn`` says so). A base
+   whose vocabulary size differs from the recorded one (a model extended by `tunelab vocab extend`, or its original)
+   is refused first, always, naming both sizes: a LoRA that leaves the embeddings alone has the same shapes on both.
 
 Adapters without a recorded identity (written by PEFT itself, or by tunelab before 0.3) get the shape check only.
 The identity lives in tunelab's own file, not in adapter_config.json, so PEFT and vLLM load the adapter as ever.
@@ -200,19 +202,37 @@ def identity_difference(recorded: dict[str, Any], current: dict[str, Any]) -> li
     return diff
 
 
+def vocabulary_mismatch(adapter: Path, recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> str | None:
+    """The refusal of an adapter trained on a model with another vocabulary size than the base given (e.g. one whose
+    vocabulary `tunelab vocab extend` extended), None when the sizes agree or either is unknown. Never allowed: the
+    token ids the adapter learnt mean other text under the other tokenizer."""
+    mine = ((recorded or {}).get("config") or {}).get("vocab_size")
+    theirs = ((current or {}).get("config") or {}).get("vocab_size")
+    if not isinstance(mine, int) or not isinstance(theirs, int) or mine == theirs:
+        return None
+    name = (recorded or {}).get("name") or (recorded or {}).get("path")
+    return (f"adapter {adapter} was trained on a model with a vocabulary of {mine} tokens ({name}), the base model "
+            f"{(current or {}).get('path')} has {theirs}: give the {'expanded ' if mine > theirs else ''}model it "
+            "was trained on as --model")
+
+
 def check_adapter_fits(base: BaseInfo, adapter: str | Path, *, allow_other_base: bool = False,
                        allow_hint: str = "", warn: Callable[[str], None] | None = None) -> None:
     """Refuse (ModelError, one line) an adapter whose tensors do not fit ``base``, or that was trained on another
     base than ``base`` (its recorded identity differs) unless ``allow_other_base``, when ``warn`` gets the line.
     ``allow_hint`` is how the caller's user allows another base (e.g. "or --allow-other-base to apply it anyway")."""
     adapter = Path(adapter)
+    recorded = recorded_base(adapter)
+    if recorded and base.path is not None:  # first: a vocabulary of another size is named as such
+        if (refusal := vocabulary_mismatch(adapter, recorded, base.identity())) is not None:
+            raise ModelError(refusal)
     trained_on = recorded_base_name(adapter)
     on = f" (it was trained on {trained_on})" if trained_on else ""
     why = shape_mismatch(base, adapter)
     if why is not None:
         raise ModelError(f"adapter {adapter} does not fit the base model: {why}{on}; give the base it was trained "
                          f"on as --model")
-    recorded, current = recorded_base(adapter), base.identity()
+    current = base.identity()
     if not recorded or not current:
         return
     diff = identity_difference(recorded, current)
