@@ -1,5 +1,7 @@
 """The fast label scorer must equal plain per-(prompt, choice) forward passes."""
 
+import os
+
 import pytest
 import torch
 
@@ -63,3 +65,27 @@ def test_identical_prompts_keep_one_token_of_their_own(tiny_llama):
 def test_empty_choice_rejected(tiny_llama):
     with pytest.raises(ValueError, match="every choice needs at least one token"):
         PrefixScorer(tiny_llama).score([[1, 2]], [[3], []])
+
+
+def test_grouped_key_value_heads_are_not_copied_on_a_cpu(tiny_llama, monkeypatch):
+    """tiny_llama has 4 query heads over 2 key/value heads: the scorer's forward passes SDPA the grouped heads
+    (enable_gqa) instead of repeating each key/value head (repeat_kv), with the same scores, and leaves the switch
+    as it found it."""
+    from transformers.integrations import sdpa_attention
+
+    assert tiny_llama.config._attn_implementation == "sdpa"
+    repeats = []
+    real = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda h, n: repeats.append(n) or real(h, n))
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 97, (9,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 97, (n,), generator=g).tolist() for n in (2, 6, 4)]
+    choices = [[4], [5, 6]]
+    got = PrefixScorer(tiny_llama).score(prompts, choices)
+    assert repeats == []
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    assert_close(got, naive_scores(tiny_llama, prompts, choices))
+    mask = torch.ones(1, 1, 1, len(prompts[0]), dtype=torch.bool)
+    tiny_llama(torch.tensor([prompts[0]]), attention_mask=mask)
+    assert repeats  # outside the scorer a masked forward still repeats them (transformers' own choice)
