@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's tunelab, also where another one is installed
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from children import run_child  # noqa: E402
 DATA = ROOT / "examples" / "data" / "nsmc_binary_train_512.jsonl"
 PROMPT = ROOT / "examples" / "train" / "sentiment_binary_short.yaml"
 SHAPES = {  # LlamaConfig fields of a random-init model
@@ -129,16 +130,7 @@ def count_weights(args) -> dict:
 
 
 def child(which: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, *sys.argv[1:]]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=ROOT)
-    if p.returncode != 0:
-        sys.stderr.write(p.stderr[-4000:])
-        raise SystemExit(f"{which} failed (exit {p.returncode})")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(__file__, which, timeout=args.timeout, threads=args.threads, cwd=ROOT)
 
 
 def main() -> None:

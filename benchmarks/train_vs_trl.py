@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from children import run_child  # noqa: E402
+
 DATA = ROOT / "examples" / "data" / "nsmc_binary_train_512.jsonl"
 INSTRUCTION = "다음 영화 리뷰의 감정을 Positive 또는 Negative로 답하세요."
 
@@ -105,14 +107,7 @@ def run_trl(args) -> dict:
 
 # --------------------------------------------------------------------------------------------------
 def child(which: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", which, *sys.argv[1:]]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    if p.returncode != 0:
-        sys.stderr.write(p.stderr[-4000:])
-        raise SystemExit(f"{which} failed (exit {p.returncode})")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(__file__, which, timeout=args.timeout)
 
 
 def main() -> None:
