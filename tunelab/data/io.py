@@ -32,6 +32,21 @@ def file_digest(path: str | os.PathLike) -> str:
     return _DIGESTS[key]
 
 
+def stable_hash(obj: Any, n: int = 64) -> str:
+    """sha256 of canonical JSON (sorted keys, UTF-8), truncated to n hex digits."""
+    import hashlib
+
+    data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:n]
+
+
+def dir_digest(path: str | os.PathLike, pattern: str = "*", n: int = 16) -> str:
+    """Content hash of the files under a folder that match ``pattern``: their relative names and bytes."""
+    p = Path(path)
+    return stable_hash({str(f.relative_to(p)): file_digest(f)[:16] for f in sorted(p.rglob(pattern)) if f.is_file()},
+                       n)
+
+
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, encoding: str | None = None,
                encoding_option: str | None = None) -> list[dict[str, Any]]:
     """Read a JSON Lines file of objects. Blank lines are skipped; a bad line raises DataError(path:line).

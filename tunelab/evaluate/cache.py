@@ -6,20 +6,14 @@ an unchanged eval free. Every result row records whether its answer came from he
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterable
 
+from tunelab.data.io import stable_hash
 from tunelab.models.convert import cache_root
-
-
-def stable_hash(obj: Any, n: int = 64) -> str:
-    """sha256 of canonical JSON (sorted keys, UTF-8), truncated to n hex digits."""
-    data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:n]
 
 
 def prompt_hash(messages: list[dict]) -> str:

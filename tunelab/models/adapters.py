@@ -81,27 +81,29 @@ def base_identity(model_dir: Path, name: str | None = None) -> dict[str, Any]:
             "weights": weights_fingerprint(model_dir)}
 
 
-def recorded_base(adapter: Path) -> dict[str, Any] | None:
-    """The base identity recorded with an adapter, None for an adapter without one."""
+def _train_meta(adapter: Path) -> dict[str, Any]:
+    """tunelab_train.json beside an adapter ({} where there is none or it does not parse)."""
     try:
         meta = json.loads((Path(adapter) / TRAIN_META).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    ident = meta.get(IDENTITY_KEY) if isinstance(meta, dict) else None
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def recorded_base(adapter: Path) -> dict[str, Any] | None:
+    """The base identity recorded with an adapter, None for an adapter without one."""
+    ident = _train_meta(adapter).get(IDENTITY_KEY)
     return ident if isinstance(ident, dict) else None
 
 
 def recorded_base_name(adapter: Path) -> str | None:
     """The name of the base an adapter was trained on, from tunelab's record or PEFT's adapter_config.json."""
-    ident = recorded_base(adapter)
-    if ident and ident.get("name"):
+    meta = _train_meta(adapter)
+    ident = meta.get(IDENTITY_KEY)
+    if isinstance(ident, dict) and ident.get("name"):
         return str(ident["name"])
-    try:
-        meta = json.loads((Path(adapter) / TRAIN_META).read_text(encoding="utf-8"))
-        if meta.get("base_model"):
-            return str(meta["base_model"])
-    except (OSError, ValueError, AttributeError):
-        pass
+    if meta.get("base_model"):
+        return str(meta["base_model"])
     try:
         cfg = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
         return cfg.get("base_model_name_or_path") or None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -13,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.io import file_digest
+from tunelab.data.io import dir_digest, file_digest
+from tunelab.data.io import stable_hash as io_stable_hash
 
 def stable_hash(obj: Any, n: int = 16) -> str:
-    data = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:n]
+    """tunelab.data.io.stable_hash, 16 hex digits by default (the run's stage and file hashes)."""
+    return io_stable_hash(obj, n)
 
 
 def file_sha(path: str | os.PathLike, n: int = 16) -> str:
@@ -26,9 +26,8 @@ def file_sha(path: str | os.PathLike, n: int = 16) -> str:
 
 
 def dir_sha(path: str | os.PathLike, pattern: str = "*") -> str:
-    """Content hash of the files under a folder (names and bytes)."""
-    p = Path(path)
-    return stable_hash({str(f.relative_to(p)): file_sha(f) for f in sorted(p.rglob(pattern)) if f.is_file()})
+    """Content hash of the files under a folder (names and bytes): tunelab.data.io.dir_digest."""
+    return dir_digest(path, pattern)
 
 
 def model_identity(spec: str) -> str:

@@ -13,12 +13,12 @@ prompt files it reads, and the hash of both (``config_hash``), which every check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.io import dir_digest, file_digest, stable_hash
 from tunelab.errors import ConfigError
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint_state
 from tunelab.train.config import TrainConfig
@@ -34,16 +34,11 @@ INPUT_FIELDS = ("data.path", "data.prompt", "lora.init_adapter")  # files whose 
 
 def _digest(path: str) -> str | None:
     """sha256 of a file, or of a folder's files (names and contents); None for a path that is not there."""
-    from tunelab.data.io import file_digest
-
     p = Path(path)
     if p.is_file():
         return file_digest(p)[:16]
     if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            h.update(f"{f.relative_to(p)}:{file_digest(f)}\n".encode())
-        return h.hexdigest()[:16]
+        return dir_digest(p)
     return None
 
 
@@ -71,7 +66,7 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_hash(resolved: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(resolved, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return stable_hash(resolved, 16)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
