@@ -13,54 +13,11 @@ import pytest
 from helpers import EXAMPLES, read_jsonl, write_jsonl
 from helpers.cli import assert_clean_error, cli_env, ok, run_cli
 from helpers.train import NSMC_TRAIN, common, reviews, run_train
+from helpers.vocab import ADD, extend
 
 DEV = EXAMPLES / "data" / "nsmc_binary_dev_200.jsonl"
 PROMPT = EXAMPLES / "train" / "sentiment_binary_short.yaml"
-ADD = 300
 ENGLISH = ["The quick brown fox, 123.", "def f(x):\n    return x ** 2  # code", "Movie was GREAT!!! 10/10"]
-
-
-def extend(data, out, base, add=ADD, **kw):
-    from tunelab.vocab.config import VocabConfig
-    from tunelab.vocab.extend import extend_vocab
-
-    return extend_vocab(data, out, VocabConfig(model=str(base), add=add, **kw))
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    return write_jsonl(tmp_path_factory.mktemp("ko") / "reviews.jsonl", reviews(400))
-
-
-@pytest.fixture(scope="module")
-def extended(tmp_path_factory, tiny_model_dir, texts):
-    out = tmp_path_factory.mktemp("ext") / "model"
-    extend(texts, out, tiny_model_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory, texts):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from helpers.train import tiny_base
-
-    root = tmp_path_factory.mktemp("untied")
-    base = tiny_base(root / "base")
-    model = LlamaForCausalLM.from_pretrained(str(base))
-    model.config.tie_word_embeddings = False
-    untied = LlamaForCausalLM(model.config)
-    untied.load_state_dict(model.state_dict(), strict=False)
-    with torch.no_grad():
-        untied.lm_head.weight.normal_(generator=torch.Generator().manual_seed(3))
-    assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
-    untied.save_pretrained(str(root / "untied"))
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / f).exists():
-            (root / "untied" / f).write_bytes((base / f).read_bytes())
-    extend(texts, root / "ext", root / "untied")
-    return root / "untied", root / "ext"
 
 
 def tokenizers(base, ext):

@@ -17,6 +17,7 @@ from tunelab.results import write_json
 from tunelab.train.ema import swapped_weights
 from tunelab.train.loop import FitResult
 from tunelab.train.session import TrainSession
+from tunelab.vocab.results import VOCAB_FILE
 
 
 def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:
@@ -38,6 +39,9 @@ def save_model(run: TrainSession, model, target: Path | None = None) -> Path:
     unwrapped.save_pretrained(str(target), safe_serialization=True)
     run.tokenizer.save_pretrained(str(target))
     write_inference_files(run, target)
+    vocab = run.model_path / VOCAB_FILE  # an extended vocabulary stays one (a later stage's new_rows_only reads it)
+    if vocab.is_file():
+        shutil.copyfile(vocab, target / VOCAB_FILE)
     return target
 
 

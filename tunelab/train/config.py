@@ -189,6 +189,33 @@ class LoopConfig(StrictModel):
     log_every: int = Field(1, ge=1)
 
 
+class TrainableConfig(StrictModel):
+    """The ``trainable:`` section: which weights a run trains (a language's new vocabulary, stage by stage)."""
+
+    match: list[str] | None = Field(
+        None, description="method full/pretrain: train only the parameters whose name matches one of these regular "
+                          "expressions (searched), everything else frozen; e.g. [embed_tokens, lm_head] for a new "
+                          "vocabulary's first stage. null: every weight (LoRA: lora.target_modules, "
+                          "lora.modules_to_save)")
+    new_rows_only: bool = Field(
+        False, description="of the input embedding and the output layer, train only the rows `tunelab vocab extend` "
+                           "added (from the first_new_id of the model's tunelab_vocab.json); every old row stays "
+                           "exactly as it was (EEVE's first stage: new tokens learn, the model's old knowledge is "
+                           "untouched). Needs optim.weight_decay 0 for them")
+
+    @field_validator("match")
+    @classmethod
+    def _regexes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one regular expression, or null for every weight")
+        for m in v or []:
+            try:
+                re.compile(m)
+            except re.error as e:
+                raise ValueError(f"{m!r} is not a regular expression: {e}") from None
+        return v
+
+
 class CheckpointConfig(StrictModel):
     every_steps: int | None = Field(None, ge=1, description="save a resumable checkpoint every N steps")
     keep: int = Field(2, ge=1, description="keep the last N checkpoints")
@@ -224,6 +251,7 @@ class TrainConfig(StrictModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: LoopConfig = Field(default_factory=LoopConfig)
+    trainable: TrainableConfig = Field(default_factory=TrainableConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: BeforeAfterEval | None = None
     forgetting: ForgettingConfig | None = None
@@ -243,6 +271,13 @@ class TrainConfig(StrictModel):
         if self.method != "lora" and self.lora.quantize != "none":
             raise ValueError(f"lora.quantize is for method lora (a frozen quantised base under trained LoRA "
                              f"weights); method {self.method} trains the weights themselves")
+        if self.method == "lora" and self.trainable.match is not None:
+            raise ValueError("trainable.match is for methods full and pretrain; a LoRA run trains its adapter "
+                             "(lora.target_modules) and the modules in lora.modules_to_save")
+        if self.trainable.new_rows_only and (self.optim.weight_decay or any(
+                g.weight_decay for g in self.optim.param_groups)):
+            raise ValueError("trainable.new_rows_only keeps the old embedding rows exactly: set optim.weight_decay "
+                             "(and param_groups' weight_decay) to 0, or decay would shrink them")
         if self.method == "pretrain" and self.train.prompt_loss_weight:
             raise ValueError("train.prompt_loss_weight is for SFT (lora, full): pretrain already trains every token")
         if self.method == "pretrain" and self.data.format not in ("auto", "text"):

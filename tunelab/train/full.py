@@ -1,7 +1,7 @@
 """Recipe: full fine-tuning. Every weight trains (fp32 master weights, bf16 autocast); the result is a complete
 HF model directory (safetensors + tokenizer + chat template + the PromptSpec used) in OUT/model.
 
-    load base -> forgetting probe (before) -> fit -> OUT/model -> probe, eval, report
+    load base -> forgetting probe (before) -> freeze what trainable: leaves out -> fit -> OUT/model -> probe, eval, report
 
 Continued pre-training (tunelab.train.pretrain) is this same recipe over raw-text data.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 from tunelab.train.artifacts import save_last, save_model
 from tunelab.train.config import TrainConfig
 from tunelab.train.forgetting import ForgettingProbe
+from tunelab.train.freeze import apply_trainable
 from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.preview import dry_run_summary, show_preview
@@ -31,6 +32,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force:
     model = load_base_model(r)
     probe = ForgettingProbe.create(r)
     probe.measure_before(r, model)
+    apply_trainable(model, cfg.trainable, r.model_path, log=r.log)
     params = count_parameters(model)
     what = "continued pre-training" if cfg.method == "pretrain" else "full fine-tuning"
     r.log(f"{what}: {params['trainable']:,} trainable parameters")

@@ -15,6 +15,7 @@ from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_
 from tunelab.train.artifacts import save_adapter, save_last
 from tunelab.train.config import LoraSettings, TrainConfig, resolve_init_adapter
 from tunelab.train.forgetting import ForgettingProbe
+from tunelab.train.freeze import apply_trainable
 from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype
@@ -81,6 +82,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force:
     probe = ForgettingProbe.create(r)
     probe.measure_before(r, model)
     model = attach_lora(model, cfg.lora, r)
+    apply_trainable(model, cfg.trainable, r.model_path, log=r.log)  # new_rows_only: of modules_to_save's copy
     params = count_parameters(model)
     if cfg.lora.init_adapter:
         r.log(f"LoRA initialised from {cfg.lora.init_adapter}")
