@@ -71,6 +71,9 @@ class ModelBackend(Protocol):
     def count_tokens(self, messages: list[Message]) -> int: ...
 
 
+VOCAB_FILE = "tunelab_vocab.json"  # what `tunelab vocab extend` writes into a model directory (vocab.results)
+
+
 def adapter_dir(path: str | Path) -> Path:
     """A PEFT adapter directory as given, or the ``adapter/`` inside a tunelab train output directory."""
     p = Path(path)

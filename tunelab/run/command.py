@@ -9,7 +9,7 @@ import typer
 
 from tunelab.console import console, log, new_progress, progress_factory
 from tunelab.run.results import (EvalAfterStageResult, EvalStageResult, GenerateStageResult, ServeStageResult,
-                                 StageCost, StageRecord, TrainStageResult)
+                                 StageCost, StageRecord, TrainStageResult, VocabStageResult)
 from tunelab.stats import format_interval
 
 
@@ -24,6 +24,9 @@ def _stage_line(key: str, st: StageRecord) -> str:
         what = f"{res.kept} rows kept from teacher {res.teacher}" + (
             f", ${res.cost_usd:.4f}" if res.cost_usd is not None else "") + (
             f", {res.agreement.accuracy.value:.1%} agreement with gold" if res.agreement is not None else "")
+    elif isinstance(res, VocabStageResult):
+        what = (f"{res.added} tokens added: {res.tokens_per_text_before:.1f} -> {res.tokens_per_text_after:.1f} "
+                f"tokens per text")
     elif isinstance(res, TrainStageResult):
         what = (f"{res.method}: {res.steps} steps, loss {res.loss_first or 0:.3f} -> {res.loss_last or 0:.3f}, "
                 f"{res.tok_s or 0:.0f} tok/s")

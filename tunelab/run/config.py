@@ -23,7 +23,7 @@ from tunelab.config import GenerationConfig, StrictModel, describe_validation_er
 from tunelab.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-TRAIN_SECTIONS = ("lora", "optim", "train", "checkpoint", "forgetting")
+TRAIN_SECTIONS = ("lora", "optim", "train", "checkpoint", "forgetting", "trainable")
 
 
 class ExperimentData(StrictModel):
@@ -52,15 +52,38 @@ class GenerateSettings(StrictModel):
                               "train_limit), with only the fields the prompt reads, so the teacher never sees a gold "
                               "label; the stage then scores the teacher's labels against the withheld gold ones "
                               "(agreement, Cohen's kappa, confusion; label pipelines only)")
-    serve: bool = Field(False, description="the teacher is the experiment's base model behind `tunelab serve` on "
-                                           "127.0.0.1, started for the stage (a plumbing check without an API)")
+    serve: bool | str = Field(False, description="true: the teacher is the experiment's base model behind `tunelab "
+                                                 "serve` on 127.0.0.1, started for the stage (a plumbing check without "
+                                                 "an API); the name of a train method: that tuned model (adapter on its "
+                                                 "base, or model) is the teacher, and the stage runs after it "
+                                                 "(pseudo-labelling unlabelled text with a fine-tuned model)")
+
+
+class VocabSettings(StrictModel):
+    """The ``vocab:`` stage: `tunelab vocab extend` on the experiment's model; train methods with ``model: vocab``
+    start from the extended model."""
+
+    data: str = Field(description="in-domain text (JSONL/CSV records) the new tokens are learnt from")
+    add: int = Field(ge=1, description="new tokens")
+    field: str = Field("text", description="the record field that holds the text")
+    limit: int | None = Field(None, ge=1, description="learn from the first N records only")
+    min_frequency: int = Field(2, ge=1, description="a learnt token must occur this often")
 
 
 class TrainMethod(StrictModel):
     name: str = Field(description="folder name under train/ and the model name in tables and the server")
-    method: Literal["lora", "full"] | None = Field(None, description="default: the config's method, else lora")
+    method: Literal["lora", "full", "pretrain"] | None = Field(
+        None, description="default: the config's method, else lora; pretrain: continued pre-training on raw text "
+                          "(data: a text file), a stage other methods start from (model: NAME)")
+    model: str = Field("base", description="what it starts from: base (the experiment's model), vocab (the vocab: "
+                                           "stage's extended model), or the name of an earlier full or pretrain "
+                                           "method (the model it wrote): stages chained, each cached")
+    score: bool | None = Field(None, description="eval_after scores it; default: every method but pretrain")
     config: str | None = Field(None, description="a `tunelab train` config to start from (its eval: is dropped)")
     data: str = Field("gold", description="gold (data.train), generated (the generate stage's output), or a file")
+    mix: list[str] = Field(default_factory=list, description="more training data through the same prompt, shuffled "
+                                                             "in: gold, generated or files (e.g. data: gold, mix: "
+                                                             "[generated]: gold + teacher labels)")
     items: Literal["all", "generated"] = Field(
         "all", description="generated: only the items the generate stage kept, in its order (gold data on the "
                            "texts a teacher labelled: a like-for-like teacher-vs-gold comparison)")
@@ -73,12 +96,15 @@ class TrainMethod(StrictModel):
     train: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None
     forgetting: dict[str, Any] | None = None
+    trainable: dict[str, Any] | None = Field(None, description="fields of the train config's trainable: section")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError("use letters, digits, '_', '-' or '.' (it names a folder)")
+        if v in ("base", "vocab"):
+            raise ValueError(f"{v!r} names a starting model (model: base / vocab); call the method otherwise")
         return v
 
 
@@ -106,6 +132,7 @@ class Experiment(StrictModel):
     prompts: dict[str, str | dict[str, Any]] = Field(description="name -> PromptSpec file or an inline spec")
     eval: EvalSettings = Field(default_factory=EvalSettings)
     generate: GenerateSettings | None = None
+    vocab: VocabSettings | None = None
     train: list[TrainMethod] = Field(default_factory=list)
     eval_after: EvalAfterSettings = Field(default_factory=EvalAfterSettings)
     serve: ServeSettings | None = None
@@ -135,8 +162,17 @@ class Experiment(StrictModel):
         if len(set(names)) != len(names):
             raise ValueError(f"train method names must be unique, got {names}")
         for i, m in enumerate(self.train):
-            if m.data == "generated" and self.generate is None:
+            if m.model == "vocab" and self.vocab is None:
+                raise ValueError(f"train.{i}.model: 'vocab' needs a vocab: stage (the extended model)")
+            if m.model not in ("base", "vocab") and m.model not in names[:i]:
+                raise ValueError(f"train.{i}.model: {m.model!r} is neither base, vocab nor an earlier train method "
+                                 f"({', '.join(names[:i]) or 'none before it'})")
+            if "generated" in (m.data, *m.mix) and self.generate is None:
                 raise ValueError(f"train.{i}.data: 'generated' needs a generate: stage")
+            teacher = self.generate.serve if self.generate is not None else None
+            if isinstance(teacher, str) and "generated" in (m.data, *m.mix, m.items) and teacher not in names[:i]:
+                raise ValueError(f"train.{i}: it trains on the labels of teacher {teacher!r} (generate.serve), "
+                                 f"which must be a train method before it")
             if m.data == "gold" and self.data.train is None:
                 raise ValueError(f"train.{i}.data: 'gold' needs data.train (the training items)")
             if m.items == "generated" and (self.generate is None or m.data == "generated"):
@@ -153,6 +189,8 @@ class Experiment(StrictModel):
                     raise ValueError(f"eval_after.compare.{j}: {name!r} is not a train method ({', '.join(names)})")
             if pair[0] == pair[1]:
                 raise ValueError(f"eval_after.compare.{j}: a method against itself")
+        if self.generate is not None and isinstance(self.generate.serve, str) and self.generate.serve not in names:
+            raise ValueError(f"generate.serve: {self.generate.serve!r} is not a train method ({', '.join(names)})")
         if self.generate is not None and self.generate.inputs == "train" and self.data.train is None:
             raise ValueError("generate.inputs: 'train' needs data.train (the texts the teacher labels)")
         p = self.eval_after.prompt
@@ -215,6 +253,7 @@ class MethodPlan:
     base_data: dict[str, Any]   # the merged train-config dict before the stage fills data.path / prompt / out
     prompt: str                 # a prompt name, 'best', or '@file' for a PromptSpec file outside prompts:
     prompt_ref: PromptRef | None = None
+    scored: bool = True         # eval_after scores it (TrainMethod.score; default: not a pretrain method)
 
 
 @dataclass
@@ -230,6 +269,7 @@ class ResolvedExperiment:
     model: str = "bundled"
     limit: int | None = None   # --limit N: a quick smoke run
     shown: Path | None = None  # the file as the user named it (for error messages)
+    vocab_data: Path | None = None  # the vocab: stage's text file
 
     @property
     def where_path(self) -> Path:

@@ -20,7 +20,8 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.run.config import ResolvedExperiment
 from tunelab.run.resolve import load_experiment
 from tunelab.run.results import RunState, RunSummary, StageCost, StageRecord
-from tunelab.run.stages import Ctx, EvalAfterStage, EvalStage, GenerateStage, ServeStage, TrainStage
+from tunelab.run.stages import (Ctx, EvalAfterStage, EvalStage, GenerateStage, ServeStage, TrainStage,
+                                VocabStage)
 from tunelab.run.util import PeakRss, Timer, environment, now, stable_hash, write_json
 
 STATE = "run.json"
@@ -32,11 +33,18 @@ def stage_dir(out: Path, key: str) -> Path:
 
 def plan_stages(r: ResolvedExperiment) -> list:
     stages: list = [EvalStage()]
-    if r.exp.generate is not None:
+    g = r.exp.generate
+    teacher = g.serve if g is not None and isinstance(g.serve, str) else None
+    if g is not None and teacher is None:
         stages.append(GenerateStage())
+    if r.exp.vocab is not None:
+        stages.append(VocabStage())
     trains = [TrainStage(m) for m in r.methods]
-    stages += trains
-    if trains:
+    for t in trains:
+        stages.append(t)
+        if t.plan.entry.name == teacher:  # its tuned model labels; the methods after it may train on that
+            stages.append(GenerateStage(t))
+    if any(t.plan.scored for t in trains):
         stages.append(EvalAfterStage(trains))
     if r.exp.serve is not None:
         stages.append(ServeStage(trains))

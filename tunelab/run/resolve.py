@@ -86,8 +86,12 @@ def train_dict(r: ResolvedExperiment, plan: MethodPlan, limit: int | None = None
     data["name"] = m.name
     d = dict(data.get("data") or {})
     d.setdefault("path", "<set by the train stage>")
-    d["format"] = "prompt"
-    d["prompt"] = "<set by the train stage>"
+    if data["method"] == "pretrain":  # raw text: the records' text field, no PromptSpec
+        d["format"] = "text"
+        d.pop("prompt", None)
+    else:
+        d["format"] = "prompt"
+        d["prompt"] = "<set by the train stage>"
     if m.limit is not None:
         d["limit"] = m.limit
     elif r.exp.data.train_limit is not None and m.data == "gold" and m.items == "all":  # (generated: its items)
@@ -175,8 +179,26 @@ def resolve(exp: Experiment, resolved: Path, *, limit: int | None = None, shown:
                                                              f"differs from the prompts' {next(iter(tasks))!r}")
         plan = MethodPlan(m, i, {}, prompt, ref)
         plan.base_data = train_dict(r, plan, limit)
-        check_train_dict(r, plan, {**plan.base_data, "data": {**plan.base_data["data"], "prompt": "x.yaml"}})
+        method = plan.base_data["method"]
+        plan.scored = m.score if m.score is not None else method != "pretrain"
+        if m.model not in ("base", "vocab"):
+            src = next(p for p in r.methods if p.entry.name == m.model)
+            if src.base_data["method"] == "lora":
+                raise config_error(path, ("train", i, "model"), f"{m.model!r} is a LoRA method: its result is an "
+                                                                "adapter, not a model to start from (merge it, or "
+                                                                "start from a full or pretrain method)")
+        check_train_dict(r, plan, {**plan.base_data, "data": {**plan.base_data["data"]}
+                                   | ({} if method == "pretrain" else {"prompt": "x.yaml"})})
         r.methods.append(plan)
+    for j, pair in enumerate(exp.eval_after.compare):
+        for name in pair:
+            if not next(p for p in r.methods if p.entry.name == name).scored:
+                raise config_error(path, ("eval_after", "compare", j), f"{name!r} is not scored (score: false, or "
+                                                                       "a pretrain method)")
+    if exp.vocab is not None:
+        r.vocab_data = _abs(base, exp.vocab.data)
+        if not r.vocab_data.is_file():
+            raise config_error(path, ("vocab", "data"), f"no such file: {r.vocab_data}")
     return r
 
 

@@ -20,7 +20,7 @@ from tunelab.results import Result, Versioned
 from tunelab.stats import Interval, PairedComparison, proportion
 from tunelab.train.results import ForgettingResult
 
-__all__ = ["VsBaseline", "PairComparison", "StageCost", "EvalStageResult", "GenerateStageResult", "TrainStageResult",
+__all__ = ["VsBaseline", "PairComparison", "StageCost", "EvalStageResult", "GenerateStageResult", "VocabStageResult", "TrainStageResult",
            "MethodHeadline", "EvalAfterStageResult", "ServeAnswer", "SmokeTest", "ServeStageResult", "StageResult",
            "StageRecord", "RunState", "MethodEval", "EvalAfterSummary", "StageBrief", "DatasetInfo", "PromptRow",
            "BestPrompt", "MethodRow", "RunVerdict", "StageCostRow", "RunCost", "RunSummary"]
@@ -66,13 +66,27 @@ class GenerateStageResult(Result):
     agreement: LabelAgreement | None = None  # generate.inputs: train: the kept labels against the withheld gold
 
 
+class VocabStageResult(Result):
+    """The vocab stage: the extended model and its tokens per text before and after."""
+
+    stage: Literal["vocab"] = "vocab"
+    model: str
+    added: int
+    vocab_size: int
+    tokens_per_text_before: float
+    tokens_per_text_after: float
+    texts: int
+    seconds: float
+
+
 class TrainStageResult(Result):
     stage: Literal["train"] = "train"
     method: str
     artifact: str
     kind: Literal["adapter", "model"]
-    prompt: str
-    prompt_hash: str
+    base_model: str | None = None  # what it started from: the experiment's model, the vocab stage's, an earlier one's
+    prompt: str | None
+    prompt_hash: str | None
     data: str
     examples: int | None = None
     steps: int
@@ -126,8 +140,8 @@ class ServeStageResult(Result):
     smoke: SmokeTest | None = None
 
 
-StageResult = Annotated[Union[EvalStageResult, GenerateStageResult, TrainStageResult, EvalAfterStageResult,
-                              ServeStageResult], Field(discriminator="stage")]
+StageResult = Annotated[Union[EvalStageResult, GenerateStageResult, VocabStageResult, TrainStageResult,
+                              EvalAfterStageResult, ServeStageResult], Field(discriminator="stage")]
 
 
 class StageRecord(Result):

@@ -1,5 +1,6 @@
 """The stages of `tunelab run`, each a thin layer over the library: eval (EvalRunner), generate
-(run_generate), train (the LoRA/full recipes), eval_after (EvalRunner with the tuned models, paired tests
+(run_generate), vocab (`tunelab vocab extend`), train (the LoRA/full/pretrain recipes, each from the base, the vocab
+stage's model or an earlier method's model), eval_after (EvalRunner with the tuned models, paired tests
 against the best prompt) and serve (the OpenAI-compatible server, smoke-tested with the openai client).
 
 A stage says what its result depends on (``inputs``: resolved settings, content hashes of input files and
@@ -22,7 +23,7 @@ from tunelab.models import release_models
 from tunelab.run.config import MethodPlan, PromptRef, ResolvedExperiment
 from tunelab.run.results import (EvalAfterStageResult, EvalAfterSummary, EvalStageResult, GenerateStageResult,
                                  MethodEval, MethodHeadline, PairComparison, ServeAnswer, ServeStageResult, SmokeTest,
-                                 StageRecord, StageResult, TrainStageResult, VsBaseline)
+                                 StageRecord, StageResult, TrainStageResult, VocabStageResult, VsBaseline)
 from tunelab.run.util import dir_sha, file_sha, model_identity, stable_hash
 from tunelab.stats import PairedComparison
 
@@ -145,8 +146,11 @@ class GenerateStage:
     the withheld gold ones; with ``generate.serve`` the teacher is the base model behind `tunelab serve`."""
 
     key = "generate"
-    deps: tuple[str, ...] = ()
-    SERVED = "tunelab-served"  # the teacher's model name when the stage serves the base model
+    SERVED = "tunelab-served"  # the teacher's model name when the stage serves the base model (or a tuned one)
+
+    def __init__(self, teacher: TrainStage | None = None):
+        self.teacher = teacher  # generate.serve: METHOD: that method's tuned model labels
+        self.deps: tuple[str, ...] = (teacher.key,) if teacher is not None else ()
 
     def _config(self, ctx: Ctx, d: Path | None = None) -> dict:
         from tunelab.run.resolve import load_generate_dict
@@ -178,7 +182,8 @@ class GenerateStage:
             extra["train"] = {"data": file_sha(ctx.r.train_data), "limit": self._train_limit(ctx),
                               "id_field": ctx.r.exp.data.id_field}
         if g is not None and g.serve:
-            extra["served_model"] = model_identity(ctx.r.model)
+            extra["served_model"] = (ctx.upstream(self.teacher.key).output_hash if self.teacher is not None
+                                     else model_identity(ctx.r.model))
         return {"config": cfg, "files": files, "limit": self._limit(ctx), **extra}
 
     def _limit(self, ctx: Ctx) -> int | None:
@@ -271,10 +276,20 @@ class GenerateStage:
         from tunelab.serve.config import ServeConfig
 
         r = ctx.r
-        ctx.log(f"generate: serving the base model ({r.model}) as the teacher {self.SERVED!r} on 127.0.0.1")
+        model, adapters, name = r.model, {}, self.SERVED
+        if self.teacher is not None:
+            tr = ctx.upstream_result(self.teacher.key, TrainStageResult)
+            if tr.kind == "adapter":
+                model, adapters, name = tr.base_model or r.model, {self.SERVED: tr.artifact}, "base"
+            else:
+                model = tr.artifact
+            ctx.log(f"generate: serving {self.teacher.plan.entry.name} ({tr.artifact}) as the teacher "
+                    f"{self.SERVED!r} on 127.0.0.1")
+        else:
+            ctx.log(f"generate: serving the base model ({r.model}) as the teacher {self.SERVED!r} on 127.0.0.1")
         release_models()
-        app = build_app(ServeConfig(model=None if r.model == "bundled" else r.model, served_model_name=self.SERVED,
-                                    max_batch=32))
+        app = build_app(ServeConfig(model=None if model == "bundled" else model, served_model_name=name,
+                                    adapters=adapters, max_batch=32))
         return ServerThread(app, port=0).start(timeout=300)
 
 
@@ -293,6 +308,38 @@ def _walk(obj: Any, prefix: str = ""):
 
 
 # --------------------------------------------------------------------------------------------------
+# vocab: the experiment's model with a vocabulary for the domain's text
+# --------------------------------------------------------------------------------------------------
+class VocabStage:
+    key = "vocab"
+    deps: tuple[str, ...] = ()
+
+    def inputs(self, ctx: Ctx) -> dict:
+        v = ctx.r.exp.vocab
+        assert v is not None and ctx.r.vocab_data is not None
+        return {"model": model_identity(ctx.r.model), "data": file_sha(ctx.r.vocab_data),
+                "settings": v.model_dump(mode="json", exclude={"data"})}
+
+    def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
+        from tunelab.vocab.config import VocabConfig
+        from tunelab.vocab.extend import extend_vocab
+
+        v, r = ctx.r.exp.vocab, ctx.r
+        assert v is not None and r.vocab_data is not None
+        if d.exists():
+            shutil.rmtree(d)
+        ctx.log(f"vocab: {v.add} tokens learnt from {r.vocab_data.name} added to {r.model}")
+        cfg = VocabConfig(model=r.model, add=v.add, field=v.field, limit=v.limit, min_frequency=v.min_frequency)
+        rep = extend_vocab(r.vocab_data, d / "model", cfg, log=ctx.log)
+        ctx.log(f"vocab: tokens per text {rep.tokens_per_text_before:.1f} -> {rep.tokens_per_text_after:.1f} "
+                f"({rep.texts} texts), vocabulary {rep.base_vocab_size} -> {rep.vocab_size}")
+        return Outcome(dir_sha(d / "model"), VocabStageResult(
+            model=str(d / "model"), added=rep.added, vocab_size=rep.vocab_size,
+            tokens_per_text_before=rep.tokens_per_text_before, tokens_per_text_after=rep.tokens_per_text_after,
+            texts=rep.texts, seconds=rep.seconds))
+
+
+# --------------------------------------------------------------------------------------------------
 # train: one method
 # --------------------------------------------------------------------------------------------------
 class TrainStage:
@@ -300,11 +347,27 @@ class TrainStage:
         self.plan = plan
         self.key = f"train/{plan.entry.name}"
         deps = []
-        if plan.entry.data == "generated" or plan.entry.items == "generated":
+        if "generated" in (plan.entry.data, plan.entry.items, *plan.entry.mix):
             deps.append("generate")
         if plan.prompt == "best":
             deps.append("eval")
+        start = plan.entry.model
+        self.start = None if start == "base" else ("vocab" if start == "vocab" else f"train/{start}")
+        if self.start is not None:
+            deps.append(self.start)
         self.deps = tuple(deps)
+
+    @property
+    def pretrain(self) -> bool:
+        return self.plan.base_data["method"] == "pretrain"
+
+    def base_model(self, ctx: Ctx) -> str:
+        """The model it starts from: the experiment's, the vocab stage's, or the one an earlier method wrote."""
+        if self.start is None:
+            return ctx.r.model
+        if self.start == "vocab":
+            return ctx.upstream_result("vocab", VocabStageResult).model
+        return ctx.upstream_result(self.start, TrainStageResult).artifact
 
     # -- what it trains on --
     def prompt_ref(self, ctx: Ctx) -> PromptRef:
@@ -316,9 +379,9 @@ class TrainStage:
         assert self.plan.prompt_ref is not None
         return self.plan.prompt_ref
 
-    def source_path(self, ctx: Ctx) -> Path:
-        """The file the method's data comes from (data: gold, generated or a file)."""
-        d = self.plan.entry.data
+    def source_path(self, ctx: Ctx, d: str | None = None) -> Path:
+        """The file the method's data comes from (data: gold, generated or a file; ``d``: one of its mix:)."""
+        d = d or self.plan.entry.data
         if d == "gold":
             assert ctx.r.train_data is not None
             return ctx.r.train_data
@@ -358,24 +421,33 @@ class TrainStage:
     def config(self, ctx: Ctx, d: Path | None = None):
         from tunelab.run.resolve import check_train_dict
 
-        ref = self.prompt_ref(ctx)
         data = dict(self.plan.base_data)
         path = self.data_path(ctx) if d is not None else self.source_path(ctx)  # (only a run writes a file)
-        data["data"] = {**data["data"], "path": str(path),
-                        "prompt": str(self._prompt_file(ctx, ref)) if d is not None else "x.yaml"}
+        data["data"] = {**data["data"], "path": str(path)}
+        if not self.pretrain:
+            data["data"]["prompt"] = str(self._prompt_file(ctx, self.prompt_ref(ctx))) if d is not None else "x.yaml"
+        if self.plan.entry.mix:  # each through the same prompt (and format) as data
+            data["data"]["mix"] = [{k: v for k, v in {"path": str(self.source_path(ctx, m)) if d is not None else "-",
+                                                      "format": data["data"].get("format"),
+                                                      "prompt": data["data"].get("prompt")}.items() if v is not None}
+                                   for m in self.plan.entry.mix]
         data["out"] = str(d) if d is not None else "-"
+        data["model"] = self.base_model(ctx) if d is not None else ctx.r.model
         return check_train_dict(ctx.r, self.plan, data)
 
     def inputs(self, ctx: Ctx) -> dict:
         cfg = self.config(ctx).model_dump(mode="json")
         cfg.pop("out")
-        cfg["data"].pop("prompt")
+        cfg["data"].pop("prompt", None)
         cfg["data"]["path"] = file_sha(self.source_path(ctx))  # (items: generated: + the generate stage's output)
+        for m, src in zip(cfg["data"].get("mix") or [], self.plan.entry.mix):
+            m.pop("prompt", None)
+            m["path"] = src if src == "generated" else file_sha(self.source_path(ctx, src))
         if cfg.get("forgetting") and cfg["forgetting"].get("data"):
             cfg["forgetting"]["data"] = file_sha(cfg["forgetting"]["data"])
-        cfg["model"] = model_identity(ctx.r.model)
-        return {"config": cfg, "prompt": self.prompt_ref(ctx).hash,
-                "upstream": {k: ctx.upstream(k).output_hash for k in self.deps if k == "generate"}}
+        cfg["model"] = model_identity(ctx.r.model) if self.start is None else None  # else: the upstream's output
+        return {"config": cfg, "prompt": None if self.pretrain else self.prompt_ref(ctx).hash,
+                "upstream": {k: ctx.upstream(k).output_hash for k in self.deps if k != "eval"}}
 
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         from tunelab.train.checkpoint import latest_checkpoint
@@ -390,8 +462,10 @@ class TrainStage:
         (ctx.out / "configs").mkdir(parents=True, exist_ok=True)
         (ctx.out / "configs" / f"train_{self.plan.entry.name}.yaml").write_text(
             yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True, sort_keys=False), encoding="utf-8")
-        ref = self.prompt_ref(ctx)
-        ctx.log(f"train {self.plan.entry.name}: {cfg.method} on {Path(cfg.data.path).name} with prompt {ref.name}"
+        ref = None if self.pretrain else self.prompt_ref(ctx)
+        ctx.log(f"train {self.plan.entry.name}: {cfg.method} on {Path(cfg.data.path).name}"
+                + (f" with prompt {ref.name}" if ref is not None else "")
+                + (f", from {self.plan.entry.model} ({cfg.model})" if self.start is not None else "")
                 + (" (resuming from the latest checkpoint)" if resume else ""))
         release_models()
         rep = recipe(cfg.method).run(cfg, resume=resume, log=ctx.log, console=ctx.console)
@@ -401,7 +475,8 @@ class TrainStage:
         weights = sorted(artifact.glob("*.safetensors"))
         out_hash = stable_hash([file_sha(w) for w in weights]) if weights else dir_sha(artifact)
         return Outcome(out_hash, TrainStageResult(
-            method=cfg.method, artifact=str(artifact), kind=rep.artifact_kind, prompt=ref.name, prompt_hash=ref.hash,
+            method=cfg.method, artifact=str(artifact), kind=rep.artifact_kind, base_model=cfg.model,
+            prompt=ref.name if ref is not None else None, prompt_hash=ref.hash if ref is not None else None,
             data=cfg.data.path, examples=rep.data.examples, steps=rep.steps, resumed_from=rep.resumed_from,
             tokens=rep.tokens, train_seconds=rep.train_seconds, tok_s=rep.tok_s, peak_rss_gb=rep.peak_rss_gb,
             trainable=rep.parameters.trainable, total_params=rep.parameters.total, loss_first=rep.loss.first,
@@ -426,8 +501,8 @@ class EvalAfterStage:
     key = "eval_after"
 
     def __init__(self, trains: list[TrainStage]):
-        self.trains = trains
-        self.deps = ("eval", *(t.key for t in trains))
+        self.trains = [t for t in trains if t.plan.scored]
+        self.deps = ("eval", *(t.key for t in self.trains))
 
     def _eval_prompt(self, ctx: Ctx, t: TrainStage) -> PromptRef:
         p = ctx.r.exp.eval_after.prompt
@@ -461,7 +536,7 @@ class EvalAfterStage:
             tr = ctx.upstream_result(t.key, TrainStageResult)
             ref = self._eval_prompt(ctx, t)
             artifact = Path(tr.artifact)
-            tuned = (_model_cfg(r, name, adapter=artifact) if tr.kind == "adapter"
+            tuned = (_model_cfg(r, name, adapter=artifact, model=tr.base_model) if tr.kind == "adapter"
                      else _model_cfg(r, name, model=str(artifact)))
             same = next((n for n, p in r.prompts.items() if p.hash == ref.hash), None)
             models = [tuned] if same is not None else [_model_cfg(r, "base"), tuned]
@@ -516,13 +591,20 @@ class ServeStage:
     def run(self, ctx: Ctx, d: Path, resume: bool) -> Outcome:
         r, s = ctx.r, ctx.r.exp.serve
         assert s is not None
-        adapters, others = {}, {}
+        adapters, others, elsewhere = {}, {}, {}
         for t in self.trains:
             tr = ctx.upstream_result(t.key, TrainStageResult)
-            (adapters if tr.kind == "adapter" else others)[t.plan.entry.name] = tr.artifact
+            if tr.kind == "model":
+                others[t.plan.entry.name] = tr.artifact
+            elif tr.base_model in (None, r.model):
+                adapters[t.plan.entry.name] = tr.artifact
+            else:  # an adapter of the vocab stage's or an earlier method's model: served over that model
+                elsewhere.setdefault(tr.base_model, {})[t.plan.entry.name] = tr.artifact
         model_flag = "" if r.model == "bundled" else f" --model {r.model}"
         cmd = "tunelab serve" + model_flag + "".join(f" --adapter {n}={p}" for n, p in adapters.items())
         cmds = [cmd] + [f"tunelab serve --model {p} --served-model-name {n}" for n, p in others.items()]
+        cmds += [f"tunelab serve --model {b}" + "".join(f" --adapter {n}={p}" for n, p in group.items())
+                 for b, group in elsewhere.items()]
         d.mkdir(parents=True, exist_ok=True)
         (d / "command.txt").write_text("\n".join(cmds) + "\n", encoding="utf-8")
         result = ServeStageResult(mode=s.mode, commands=cmds)

@@ -17,7 +17,7 @@ from tunelab.results import write_json
 from tunelab.train.ema import swapped_weights
 from tunelab.train.loop import FitResult
 from tunelab.train.session import TrainSession
-from tunelab.vocab.results import VOCAB_FILE
+from tunelab.models.base import VOCAB_FILE
 
 
 def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:

@@ -72,7 +72,7 @@ def vocabulary_rows(model: torch.nn.Module) -> list[tuple[str, torch.nn.Paramete
 
 def first_new_id(model_path: Path | str) -> int:
     """The first id `tunelab vocab extend` added to the model in ``model_path`` (its tunelab_vocab.json)."""
-    from tunelab.vocab.results import VOCAB_FILE
+    from tunelab.models.base import VOCAB_FILE
 
     path = Path(model_path) / VOCAB_FILE
     try:

@@ -3,9 +3,10 @@ the text they were learnt from, and tokens per text before and after)."""
 
 from __future__ import annotations
 
+from tunelab.models.base import VOCAB_FILE
 from tunelab.results import Result
 
-VOCAB_FILE = "tunelab_vocab.json"
+__all__ = ["VOCAB_FILE", "VocabReport"]
 
 
 class VocabReport(Result):
