@@ -162,11 +162,13 @@ def test_balance_after_the_threshold(tmp_path):
     table = {t: (lab, [tok(lab, p)]) for _i, t, lab, p in BAL}
     with teacher(table) as srv:
         cfg = write_yaml(tmp_path / "l.yaml", config(srv.url, data, quality={"balance": "equal",
-                                                                              "min_confidence": 0.75}))
+                                                                              "min_confidence": 0.65}))
         ok(run_generate(cfg, "--out", str(tmp_path / "out"), env=env_for(tmp_path)))
+    # The threshold leaves p1 0.9, n2 0.8, p2 0.7: one of each (balancing first would have kept p2 as well).
     assert [x["id"] for x in read_jsonl(tmp_path / "out" / "data.jsonl")] == ["p1", "n2"]
     st = stats(tmp_path / "out")
-    assert st["dropped"]["by_reason"] == {"low_confidence": 3}
+    assert st["dropped"]["by_reason"] == {"low_confidence": 2, "balance": 1}
+    assert st["teacher_labels"]["balance_counts"]["before"] == {"Positive": 2, "Negative": 1}
 
 
 def test_a_server_without_logprobs_gives_null_confidence_and_one_warning(tmp_path, data):
