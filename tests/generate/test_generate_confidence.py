@@ -4,6 +4,7 @@ sequence probability); the journal and the cache keep the logprobs; min_confiden
 balance keeps the most confident rows of each label; agreement with gold of all labels vs the kept ones; a server
 without logprobs; bad settings; and `tunelab serve` as the teacher."""
 
+import json
 import math
 
 import pytest
@@ -245,3 +246,24 @@ def test_tunelab_serve_teacher_sends_confidences(tmp_path):
     assert all(e["logprobs"] and all("top" in t for t in e["logprobs"]) for e in entries)
     tl = stats(tmp_path / "out")["teacher_labels"]
     assert tl["confidence"]["null"] == 0 and sum(tl["confidence"]["methods"].values()) == len(rows)
+
+
+def test_batch_api_requests_and_ingests_logprobs(tmp_path, data):
+    cfg = write_yaml(tmp_path / "l.yaml", config("http://127.0.0.1:9/v1", data, quality={"min_confidence": 0.7}))
+    env = env_for(tmp_path, key=None)
+    out = tmp_path / "out"
+    ok(run_generate(cfg, "--out", str(out), "--batch-api", env=env))
+    reqs = read_jsonl(out / "batch_input.jsonl")
+    assert all(r["body"]["logprobs"] is True and r["body"]["top_logprobs"] == 5 for r in reqs)
+    lines = []
+    for r in reqs:
+        answer, content = TABLE[r["body"]["messages"][-1]["content"]]
+        lines.append({"custom_id": r["custom_id"], "error": None, "response": {"status_code": 200, "body": {
+            "model": "gpt-4o-mini", "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": content},
+                         "message": {"role": "assistant", "content": answer}}]}}})
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ok(run_generate(cfg, "--out", str(out), "--batch-api", "--batch-results", str(results), env=env))
+    assert [(x["id"], x["confidence"]) for x in read_jsonl(out / "data.jsonl")] == [
+        ("b", 0.8), ("d", 0.842105), ("e", 0.7)]

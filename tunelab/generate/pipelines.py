@@ -314,7 +314,6 @@ class LabelPipeline(Pipeline):
         outcomes = await self.ask_checked(reqs, self.check)
         # The teacher's label goes where the spec reads gold labels, so data.jsonl trains with the same spec.
         lf = spec_label_field(self.spec, self.cfg.output.label_field)
-        self.lf = lf
         rows: list[Row] = []
         methods: list[str | None] = []
         pending = 0
