@@ -23,7 +23,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from tunelab.console import log
 from tunelab.errors import DataError, TunelabError
 from tunelab.evaluate.cache import stable_hash
 from tunelab.generate.confidence import confidence_summary, label_confidence
@@ -400,9 +399,6 @@ class LabelPipeline(Pipeline):
             rows = [r for k, r in enumerate(rows) if k in keep]
             balance = {"target": target, "before": before,
                        "after": {lab: sum(r.label == lab for r in rows) for lab in labels}}
-        if self.warning:
-            log(f"warning: {self.warning}")
-
         def agreement(rs: list[Row]) -> dict[str, Any] | None:
             g = [r for r in rs if r.gold is not None]
             if not g:
