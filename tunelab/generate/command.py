@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from tunelab.console import console, err_console, new_progress
+from tunelab.console import console, err_console, log, new_progress
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.results import GenerateDryRun, GenerateStats
 from tunelab.options import field_option, given_fields
@@ -69,6 +69,8 @@ def generate_cmd(
     if isinstance(stats, GenerateDryRun):
         _print_dry_run(stats)
     else:
+        if stats.teacher_labels is not None and stats.teacher_labels.warning:
+            log(f"warning: {stats.teacher_labels.warning}")  # once a run, also in stats.json
         _print_summary(stats)
 
 
