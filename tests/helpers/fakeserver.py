@@ -21,7 +21,10 @@ Behaviour per request, picked by the model name (``fake-label``, ``fake-math``, 
 the prompt -> label; "JSON" and "instruction" in the prompt -> instruct; digits in the last user message ->
 math; else echo. A label is derived from a hash of the user message, or, with ``label_fn``, is
 ``label_fn(user message)`` (a function the test writes, e.g. the gold label of a known text, flipped for a
-chosen few; ``None`` falls back to the hash). ``answer_fn(model, user message)``, when given, answers any
+chosen few; ``None`` falls back to the hash). A request with ``logprobs: true`` gets
+``choices[0].logprobs.content = logprobs_fn(user message, answer text)`` when the test gives that function (OpenAI's
+shape: ``[{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]``), else ``logprobs: null`` (a server
+without logprobs). ``answer_fn(model, user message)``, when given, answers any
 request with the text it returns (``None``: the behaviour above).
 
 Faults are deterministic: a rule hits a fixed share (``rate``) of distinct prompts, chosen by hashing the
@@ -135,6 +138,8 @@ class _State:
     completed_prompts: dict[str, int] = field(default_factory=dict)
     auth_headers: set[str] = field(default_factory=set)
     models: set[str] = field(default_factory=set)
+    logprobs_asked: int = 0  # requests with logprobs: true
+    top_logprobs: set = field(default_factory=set)  # the top_logprobs values asked for
 
 
 class FakeServer:
@@ -142,6 +147,7 @@ class FakeServer:
                  fault_cycle: list[Fault | None] | tuple = (), flaw_cycle: list[str | None] | tuple = (),
                  labels: list[str] | None = None, label_fn: Callable[[str], str | None] | None = None,
                  answer_fn: Callable[[str, str], str | None] | None = None,
+                 logprobs_fn: Callable[[str, str], list[dict] | None] | None = None,
                  api_key: str | None = None, wrong_rate: float = 0.0, inconsistent_rate: float = 0.0,
                  answer_format: str = "The answer is {n}.", tasks_per_response: int = 5,
                  host: str = "127.0.0.1", port: int = 0):
@@ -154,6 +160,7 @@ class FakeServer:
         self.labels = list(labels or [])
         self.label_fn = label_fn
         self.answer_fn = answer_fn
+        self.logprobs_fn = logprobs_fn
         self.api_key = api_key
         self.wrong_rate = wrong_rate
         self.inconsistent_rate = inconsistent_rate
@@ -221,7 +228,8 @@ class FakeServer:
             return {"requests": s.requests, "completions": s.completions, "max_inflight": s.max_inflight,
                     "faults": dict(s.faults), "early_retries": s.early_retries,
                     "distinct_prompts": len(s.attempts), "completed_prompts": dict(s.completed_prompts),
-                    "auth_headers": sorted(s.auth_headers), "models": sorted(s.models)}
+                    "auth_headers": sorted(s.auth_headers), "models": sorted(s.models),
+                    "logprobs_asked": s.logprobs_asked, "top_logprobs": sorted(s.top_logprobs)}
 
     # ---------------------------------------------------------------------------------------------- HTTP
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -322,6 +330,9 @@ class FakeServer:
             st.inflight += 1
             st.max_inflight = max(st.max_inflight, st.inflight)
             st.models.add(str(req.get("model")))
+            if req.get("logprobs"):
+                st.logprobs_asked += 1
+                st.top_logprobs.add(req.get("top_logprobs"))
         try:
             fault = None
             if self.fault_cycle:
@@ -343,10 +354,14 @@ class FakeServer:
             text = self.answer(req.get("model") or "", messages, pkey)
             ptoks = sum(len(str(m.get("content") or "")) for m in messages) // 4 + 4
             ctoks = len(text) // 4 + 1
+            logprobs = None
+            if req.get("logprobs") and self.logprobs_fn is not None:
+                content = self.logprobs_fn(key_message(messages, self._flawed), text)
+                logprobs = {"content": content} if content is not None else None
             payload = {"id": f"chatcmpl-{pkey}", "object": "chat.completion", "created": int(time.time()),
                        "model": req.get("model"), "system_fingerprint": "fakeserver",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                    "finish_reason": "stop", "logprobs": None}],
+                                    "finish_reason": "stop", "logprobs": logprobs}],
                        "usage": {"prompt_tokens": ptoks, "completion_tokens": ctoks,
                                  "total_tokens": ptoks + ctoks}}
             await self._send(writer, 200, json.dumps(payload, ensure_ascii=False).encode("utf-8"))

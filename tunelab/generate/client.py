@@ -47,6 +47,7 @@ class Completion:
     latency_ms: float
     attempts: int
     model: str
+    logprobs: list[dict[str, Any]] | None = None  # see token_logprobs
 
 
 @dataclass
@@ -170,7 +171,7 @@ class TeacherClient:
                 try:
                     r = await asyncio.wait_for(self._client.post("/chat/completions", body=body, cast_to=object),
                                                self.cfg.timeout_s)
-                    text, finish, usage, rmodel = _content(r)
+                    text, finish, usage, rmodel, lps = _content(r)
                 except (asyncio.TimeoutError, openai.APITimeoutError):
                     last = "timeout"
                 except openai.RateLimitError as e:
@@ -209,7 +210,7 @@ class TeacherClient:
                     self._ever_ok = True
                     self.stats.ok += 1
                     return Completion(
-                        text=text, finish_reason=finish, attempts=attempt + 1, model=rmodel,
+                        text=text, finish_reason=finish, attempts=attempt + 1, model=rmodel, logprobs=lps,
                         prompt_tokens=int(usage.get("prompt_tokens") or 0) if usage else estimate_tokens(messages),
                         completion_tokens=int(usage.get("completion_tokens") or 0) if usage else len(text) // 4,
                         latency_ms=(time.perf_counter() - t0) * 1000)
@@ -221,9 +222,30 @@ class TeacherClient:
                             f"gave up after {self.cfg.max_retries + 1} attempts (last: {last})", self.cfg.max_retries + 1)
 
 
-def _content(r: Any) -> tuple[str, str, dict, str]:
-    """(text, finish_reason, usage, model) of a chat completion (parsed JSON); anything else raises
-    ValueError / KeyError / TypeError, which count as a malformed answer."""
+def token_logprobs(choice: dict) -> list[dict[str, Any]] | None:
+    """The answer tokens' log probabilities from a chat completion choice (``choices[0].logprobs.content``), as
+    ``[{"token": str, "logprob": float, "top": [[token, logprob], ...]}]`` (``top`` only where the server sent
+    ``top_logprobs``); None when the server sent none (or not in that shape)."""
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    out: list[dict[str, Any]] = []
+    for t in content:
+        if not isinstance(t, dict) or not isinstance(t.get("logprob"), (int, float)):
+            return None
+        e: dict[str, Any] = {"token": str(t.get("token") or ""), "logprob": float(t["logprob"])}
+        top = t.get("top_logprobs")
+        if isinstance(top, list) and top:
+            e["top"] = [[str(x.get("token") or ""), float(x["logprob"])] for x in top
+                        if isinstance(x, dict) and isinstance(x.get("logprob"), (int, float))]
+        out.append(e)
+    return out
+
+
+def _content(r: Any) -> tuple[str, str, dict, str, list[dict[str, Any]] | None]:
+    """(text, finish_reason, usage, model, token logprobs or None) of a chat completion (parsed JSON); anything
+    else raises ValueError / KeyError / TypeError, which count as a malformed answer."""
     if isinstance(r, (str, bytes)):
         r = json.loads(r)  # a server that said text/plain
     if not isinstance(r, dict):
@@ -234,7 +256,7 @@ def _content(r: Any) -> tuple[str, str, dict, str]:
         raise ValueError("answer without text content")
     usage = r.get("usage")
     return text, str(choice.get("finish_reason") or "stop"), usage if isinstance(usage, dict) else {}, \
-        str(r.get("model") or "")
+        str(r.get("model") or ""), token_logprobs(choice)
 
 
 def _err_text(e: Exception) -> str:

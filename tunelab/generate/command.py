@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from tunelab.console import console, err_console, new_progress
+from tunelab.console import console, err_console, log, new_progress
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.results import GenerateDryRun, GenerateStats
 from tunelab.options import field_option, given_fields
@@ -69,6 +69,8 @@ def generate_cmd(
     if isinstance(stats, GenerateDryRun):
         _print_dry_run(stats)
     else:
+        if stats.teacher_labels is not None and stats.teacher_labels.warning:
+            log(f"warning: {stats.teacher_labels.warning}")  # once a run, also in stats.json
         _print_summary(stats)
 
 
@@ -111,6 +113,16 @@ def _print_summary(s: GenerateStats) -> None:
     if s.agreement_with_gold is not None:
         a = s.agreement_with_gold
         t.add_row("agreement with gold", f"{a.rate * 100:.1f}% of {a.n:,}")
+    tl = s.teacher_labels
+    if tl is not None and tl.confidence.n > tl.confidence.null:
+        qs = tl.confidence.quantiles or {}
+        line = (f"median {qs.get('p50', 0):.3f}, p10 {qs.get('p10', 0):.3f} over {tl.confidence.n - tl.confidence.null:,}"
+                f" labels" + (f" ({tl.confidence.null:,} without)" if tl.confidence.null else ""))
+        t.add_row("confidence", line)
+    if tl is not None and (tl.min_confidence is not None or tl.balance != "none"):
+        t.add_row("kept labels", f"{tl.kept:,} of {tl.labelled:,} ({tl.keep_rate * 100:.1f}% of the inputs)"
+                  + (f"; agreement with gold: all {tl.agreement_all.rate * 100:.1f}%, kept "
+                     f"{tl.agreement_kept.rate * 100:.1f}%" if tl.agreement_all and tl.agreement_kept else ""))
     if s.teacher_accuracy is not None:
         a = s.teacher_accuracy
         t.add_row("teacher accuracy", f"{a.rate * 100:.1f}% of {a.n:,}")

@@ -54,14 +54,25 @@ class SamplingConfig(StrictModel):
     seed: int | None = 0
     stop: list[str] = Field(default_factory=list)
     samples: int = Field(1, ge=1, le=64, description="answers per input, each its own request (needs temperature > 0)")
+    logprobs: Literal["auto", True, False] = Field(
+        "auto", description="ask the teacher for the log probability of each answer token (label: the label's "
+                            "confidence); auto: on for the label pipeline with one sample when quality.min_confidence "
+                            "or quality.balance needs the confidence, off otherwise")
+    top_logprobs: int = Field(5, ge=0, le=20, description="with logprobs: the most likely alternatives per token "
+                                                         "(the label's normalised confidence reads the first token's)")
 
-    def request_params(self, sample: int = 0) -> dict[str, Any]:
-        """What goes into each request and into its journal key."""
+    def request_params(self, sample: int = 0, *, logprobs: bool = False) -> dict[str, Any]:
+        """What goes into each request and into its journal key (logprobs only when on, so the keys of runs
+        without them stay what they were)."""
         p: dict[str, Any] = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}
         if self.seed is not None:
             p["seed"] = self.seed + sample
         if self.stop:
             p["stop"] = list(self.stop)
+        if logprobs:
+            p["logprobs"] = True
+            if self.top_logprobs:
+                p["top_logprobs"] = self.top_logprobs
         return p
 
 
@@ -91,6 +102,12 @@ class QualityConfig(StrictModel):
         "consistent", description="number tasks: the final answer must equal the reasoning's last number")
     require_correct: bool = Field(False, description="respond: keep only answers equal to the gold answer")
     json_schema: dict[str, Any] | str | None = Field(None, description="json tasks: a JSON Schema (or a file)")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="label: drop labels whose confidence is below this (low_confidence), and "
+                                      "labels without a confidence (no_confidence); see docs/generate.md")
+    balance: Literal["none", "equal"] = Field(
+        "none", description="label: equal keeps as many rows of every label as the rarest label has, the most "
+                            "confident of each (ties: input order); the rest are dropped as balance")
 
 
 class SelfInstructConfig(StrictModel):
@@ -144,6 +161,14 @@ class GenerateConfig(StrictModel):
     cache: bool = Field(True, description="reuse answers from tunelab's response cache (repeated runs are free)")
     seed: int = 0
 
+    def wants_logprobs(self) -> bool:
+        """Whether requests ask for logprobs (``sampling.logprobs``, with auto resolved)."""
+        lp = self.sampling.logprobs
+        if lp != "auto":
+            return bool(lp)
+        return (self.pipeline == "label" and self.sampling.samples == 1
+                and (self.quality.min_confidence is not None or self.quality.balance != "none"))
+
 
 def load_generate_config(path: str | Path) -> GenerateConfig:
     """Load and check a config; errors read ``file:line: field: what to fix``."""
@@ -173,6 +198,12 @@ def load_generate_config(path: str | Path) -> GenerateConfig:
             need("prompt", "a PromptSpec that renders each input")
     if cfg.pipeline == "self-instruct" and cfg.self_instruct is None:
         need("self_instruct", "at least self_instruct.seed_tasks")
+    for fname, on in (("min_confidence", cfg.quality.min_confidence is not None),
+                      ("balance", cfg.quality.balance != "none")):
+        if on and cfg.pipeline != "label":
+            line = field_line(p, ("quality", fname))
+            raise ConfigError(f"quality.{fname}: only the label pipeline has label confidences (this is "
+                              f"pipeline {cfg.pipeline})", where=f"{p}:{line}" if line else str(p))
     if cfg.sampling.samples > 1 and cfg.sampling.temperature == 0:
         line = field_line(p, ("sampling", "samples"))
         raise ConfigError("sampling.samples > 1 needs sampling.temperature > 0 (greedy decoding repeats "

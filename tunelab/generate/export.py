@@ -15,6 +15,7 @@ from typing import Any, Iterable
 from tunelab.data.io import read_records, write_jsonl
 from tunelab.errors import DataError
 from tunelab.textfiles import text_lines
+from tunelab.generate.client import token_logprobs
 from tunelab.generate.resolver import Request, answer_entry
 from tunelab.generate.journal import Journal
 from tunelab.generate.quality import Drops, normalize, tokens
@@ -116,7 +117,7 @@ def ingest_batch_results(paths: Iterable[Path], journal: Journal) -> dict[str, i
                     req, text=text, finish_reason=choice.get("finish_reason") or "stop",
                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
                     completion_tokens=int(usage.get("completion_tokens") or 0), latency_ms=0.0, source="batch",
-                    model=str(body.get("model") or "")))
+                    model=str(body.get("model") or ""), logprobs=token_logprobs(choice)))
                 counts["ok"] += 1
     journal.sync()
     return counts

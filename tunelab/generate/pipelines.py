@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from tunelab.errors import DataError, TunelabError
 from tunelab.evaluate.cache import stable_hash
+from tunelab.generate.confidence import confidence_summary, label_confidence
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.resolver import Answer, Resolver, Request
 from tunelab.generate.journal import request_key
@@ -45,6 +46,9 @@ class Row:
     provenance: dict[str, Any]
     dedup_text: str
     texts: list[str] = field(default_factory=list)  # what the contamination check compares
+    label: str | None = None  # label: the teacher's label, its confidence and the input's gold label
+    confidence: float | None = None
+    gold: str | None = None
 
 
 @dataclass
@@ -99,7 +103,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------------- helpers
     def params(self, sample: int = 0) -> dict[str, Any]:
-        return self.cfg.sampling.request_params(sample)
+        return self.cfg.sampling.request_params(sample, logprobs=self.cfg.wants_logprobs())
 
     def request(self, messages: list[dict], item: str, *, sample: int = 0, kind: str = "main") -> Request:
         params = self.params(sample)
@@ -251,6 +255,10 @@ class Pipeline:
     async def run(self) -> PipelineResult:
         raise NotImplementedError
 
+    def finalize(self, rows: list[Row]) -> tuple[list[Row], dict[str, Any]]:
+        """The last step, after the runner's contamination check: rows to write and more stats."""
+        return rows, {}
+
 
 def spec_label_field(spec: Any, default: str = "label") -> str:
     """The field the spec reads gold answers from (``target_field``; else ``default``)."""
@@ -298,6 +306,7 @@ class LabelPipeline(Pipeline):
 
     async def run(self) -> PipelineResult:
         n_samples = self.cfg.sampling.samples
+        labels = list(self.spec.labels or [])
         rendered = [self.render(i) for i in range(len(self.items))]
         reqs = [self.request(rendered[i], self.ids[i], sample=s) for i in range(len(self.items))
                 for s in range(n_samples)]
@@ -305,7 +314,7 @@ class LabelPipeline(Pipeline):
         # The teacher's label goes where the spec reads gold labels, so data.jsonl trains with the same spec.
         lf = spec_label_field(self.spec, self.cfg.output.label_field)
         rows: list[Row] = []
-        golds: dict[int, str] = {}  # id(row) -> gold label
+        methods: list[str | None] = []
         pending = 0
         for i, item in enumerate(self.items):
             outs = outcomes[i * n_samples:(i + 1) * n_samples]
@@ -320,28 +329,94 @@ class LabelPipeline(Pipeline):
             votes = Counter(o.check.value for o in ok)
             label = max(votes, key=lambda v: (votes[v], -[o.check.value for o in ok].index(v)))
             first = next(o for o in ok if o.check.value == label)
+            if n_samples > 1:
+                conf, method = votes[label] / sum(votes.values()), "votes"
+            else:
+                conf, method = label_confidence(first.answers[-1].logprobs, label, labels)
+            conf = round(conf, 6) if conf is not None else None
+            methods.append(method)
             gold = self.gold(item)
             data = self.clean(item)
             data.setdefault("id", self.ids[i])
             if lf in data:
                 data[f"gold_{lf}"] = data.pop(lf)
             data[lf] = label
+            data["confidence"] = conf
             if n_samples > 1:
                 data["label_votes"] = dict(votes)
             answer = target_text(self.spec, self.clean(item), label, lf)
             msgs = self.chat_rows(rendered[i], item, answer)
             rows.append(Row(data=data, messages=msgs, alpaca=self.alpaca_row(msgs),
-                            provenance=self.provenance(first),
-                            dedup_text=self.input_text(item), texts=[self.input_text(item)]))
-            if gold is not None:
-                golds[id(rows[-1])] = str(gold)
+                            provenance={**self.provenance(first), "confidence": conf},
+                            dedup_text=self.input_text(item), texts=[self.input_text(item)],
+                            label=label, confidence=conf, gold=str(gold) if gold is not None else None))
+        self.labelled = list(rows)
+        self.methods = methods
+        self.warning = None
+        n_null = sum(r.confidence is None for r in rows)
+        q = self.cfg.quality
+        if n_null and (self.cfg.wants_logprobs() or q.min_confidence is not None or q.balance != "none"):
+            why = ("the teacher sent no logprobs" if self.cfg.wants_logprobs()
+                   else "sampling.logprobs is false")
+            self.warning = (f"{n_null} of {len(rows)} teacher labels have no confidence ({why}; "
+                            f"{self.resolver.endpoint})" +
+                            (": dropped as no_confidence (quality.min_confidence is set)"
+                             if q.min_confidence is not None else
+                             "; their confidence is null" + (" and they rank last in quality.balance"
+                                                            if q.balance != "none" else "")))
+        if q.min_confidence is not None:
+            kept = []
+            for r in rows:
+                if r.confidence is None:
+                    self.drops.add("no_confidence", id=r.data.get("id"), label=r.label, text=r.dedup_text)
+                elif r.confidence < q.min_confidence:
+                    self.drops.add("low_confidence", id=r.data.get("id"), label=r.label, confidence=r.confidence,
+                                   text=r.dedup_text)
+                else:
+                    kept.append(r)
+            rows = kept
         rows = self.dedup(rows)
-        with_gold = sum(id(r) in golds for r in rows)
-        agree = sum(golds.get(id(r)) == r.data[lf] for r in rows)
-        extra = {"items": len(self.items)}
-        if with_gold:
-            extra["agreement_with_gold"] = {"n": with_gold, "agree": agree, "rate": round(agree / with_gold, 4)}
-        return PipelineResult(rows, self.drops, pending, extra)
+        return PipelineResult(rows, self.drops, pending, {"items": len(self.items)})
+
+    def finalize(self, rows: list[Row]) -> tuple[list[Row], dict[str, Any]]:
+        """quality.balance (last, so that every label keeps the same number of the rows that are written), then the
+        label stats: confidences, agreement with gold of all labels and of the kept ones, keep rate."""
+        labels = list(self.spec.labels or [])
+        q = self.cfg.quality
+        balance = None
+        if q.balance == "equal":
+            before = {lab: sum(r.label == lab for r in rows) for lab in labels}
+            target = min(before.values()) if before else 0
+            keep: set[int] = set()
+            for lab in labels:
+                mine = [(k, r) for k, r in enumerate(rows) if r.label == lab]
+                # Most confident first; a null confidence ranks last; ties keep input order.
+                mine.sort(key=lambda kr: (kr[1].confidence is None, -(kr[1].confidence or 0.0), kr[0]))
+                keep.update(k for k, _ in mine[:target])
+            for k, r in enumerate(rows):
+                if k not in keep:
+                    self.drops.add("balance", id=r.data.get("id"), label=r.label, confidence=r.confidence)
+            rows = [r for k, r in enumerate(rows) if k in keep]
+            balance = {"target": target, "before": before,
+                       "after": {lab: sum(r.label == lab for r in rows) for lab in labels}}
+        def agreement(rs: list[Row]) -> dict[str, Any] | None:
+            g = [r for r in rs if r.gold is not None]
+            if not g:
+                return None
+            agree = sum(r.gold == r.label for r in g)
+            return {"n": len(g), "agree": agree, "rate": round(agree / len(g), 4)}
+
+        n_in = len(self.items)
+        info = {"inputs": n_in, "labelled": len(self.labelled), "kept": len(rows),
+                "keep_rate": round(len(rows) / n_in, 4) if n_in else 0.0,
+                "min_confidence": q.min_confidence, "balance": q.balance,
+                "logprobs_requested": self.cfg.wants_logprobs(),
+                "confidence": confidence_summary([r.confidence for r in self.labelled], self.methods),
+                "confidence_kept": confidence_summary([r.confidence for r in rows]),
+                "per_label": {lab: sum(r.label == lab for r in rows) for lab in labels},
+                "balance_counts": balance, "agreement_all": agreement(self.labelled),
+                "agreement_kept": agreement(rows), "warning": self.warning}
+        return rows, {"agreement_with_gold": info["agreement_kept"], "teacher_labels": info}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class Answer:
     model: str
     endpoint: str = ""
     resumed: bool = False  # read from the journal of an earlier run
+    logprobs: list[dict[str, Any]] | None = None  # the answer tokens' logprobs (client.token_logprobs), if sent
 
     @classmethod
     def from_entry(cls, e: dict[str, Any], *, resumed: bool) -> "Answer":
@@ -52,7 +53,7 @@ class Answer:
                    prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0),
                    latency_ms=float(e.get("latency_ms") or 0.0), source=e.get("source") or "api",
                    time=e.get("time") or "", model=e.get("model") or "", endpoint=e.get("endpoint") or "",
-                   resumed=resumed)
+                   resumed=resumed, logprobs=e.get("logprobs"))
 
 
 def now_iso() -> str:
@@ -60,12 +61,16 @@ def now_iso() -> str:
 
 
 def answer_entry(req: Request, *, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                 latency_ms: float, source: str, model: str, attempts: int = 1, endpoint: str = "") -> dict[str, Any]:
-    return {"key": req.key, "status": "ok", "item": req.item, "kind": req.kind, "sample": req.sample,
-            "text": text, "finish_reason": finish_reason,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-            "latency_ms": round(latency_ms, 2), "attempts": attempts, "source": source, "model": model,
-            "endpoint": endpoint, "time": now_iso()}
+                 latency_ms: float, source: str, model: str, attempts: int = 1, endpoint: str = "",
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    e = {"key": req.key, "status": "ok", "item": req.item, "kind": req.kind, "sample": req.sample,
+         "text": text, "finish_reason": finish_reason,
+         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+         "latency_ms": round(latency_ms, 2), "attempts": attempts, "source": source, "model": model,
+         "endpoint": endpoint, "time": now_iso()}
+    if logprobs is not None:
+        e["logprobs"] = logprobs
+    return e
 
 
 @dataclass
@@ -190,7 +195,8 @@ class Resolver:
                 entry = answer_entry(r, text=h["text"], finish_reason=h.get("finish_reason", "stop"),
                                      prompt_tokens=h.get("prompt_tokens", 0),
                                      completion_tokens=h.get("completion_tokens", 0), latency_ms=0.0,
-                                     source="cache", model=h.get("model", ""), endpoint=self.endpoint)
+                                     source="cache", model=h.get("model", ""), endpoint=self.endpoint,
+                                     logprobs=h.get("logprobs"))
                 self.journal.append(entry)
                 out[r.key] = Answer.from_entry(entry, resumed=False)
                 self.counts.cached += 1
@@ -240,7 +246,8 @@ class Resolver:
                 self._release(req)
                 entry = answer_entry(req, text=c.text, finish_reason=c.finish_reason, prompt_tokens=c.prompt_tokens,
                                      completion_tokens=c.completion_tokens, latency_ms=c.latency_ms, source="api",
-                                     model=c.model, attempts=c.attempts, endpoint=self.endpoint)
+                                     model=c.model, attempts=c.attempts, endpoint=self.endpoint,
+                                     logprobs=c.logprobs)
                 self.journal.append(entry)
                 self._add_spend(self.spent, entry["usage"])
                 out[req.key] = Answer.from_entry(entry, resumed=False)
@@ -249,7 +256,8 @@ class Resolver:
                 if self.cache is not None:
                     self._cache_buf.append((self.cache_key(req.key), {
                         "text": c.text, "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                        "completion_tokens": c.completion_tokens, "model": c.model}))
+                        "completion_tokens": c.completion_tokens, "model": c.model,
+                        **({"logprobs": c.logprobs} if c.logprobs is not None else {})}))
                     if len(self._cache_buf) >= 256:
                         self.flush_cache()
                 done += 1

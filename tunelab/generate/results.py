@@ -17,7 +17,7 @@ from tunelab.results import Result, Versioned
 from tunelab.stats import Interval
 
 __all__ = ["TeacherInfo", "DropCounts", "RequestCounts", "TokenCounts", "Latency", "Agreement", "Accuracy",
-           "LabelAgreement", "GenerateStats", "GenerateDryRun"]
+           "LabelAgreement", "ConfidenceSummary", "BalanceCounts", "TeacherLabels", "GenerateStats", "GenerateDryRun"]
 
 
 class TeacherInfo(Result):
@@ -89,6 +89,49 @@ class LabelAgreement(Result):
     matrix: list[list[int]]
 
 
+class ConfidenceSummary(Result):
+    """Label confidences (tunelab.generate.confidence): how many, how many null (no logprobs), the mean, quantiles
+    (min, p10, p25, p50, p75, p90, max) and a histogram of ten 0.1-wide bins; ``methods`` counts how each was
+    computed (top_logprobs, sequence, votes)."""
+
+    n: int
+    null: int
+    mean: float | None = None
+    quantiles: dict[str, float] | None = None
+    histogram: dict[str, list[float]]
+    methods: dict[str, int]
+
+
+class BalanceCounts(Result):
+    """``quality.balance: equal``: rows per label before and after balancing (``target`` each)."""
+
+    target: int
+    before: dict[str, int]
+    after: dict[str, int]
+
+
+class TeacherLabels(Result):
+    """The label pipeline's teacher labels: of the ``inputs``, ``labelled`` got a label in the set; ``kept`` of them
+    passed every gate (min_confidence, dedup, contamination, balance); ``keep_rate`` = kept / inputs. With gold labels,
+    the teacher's agreement with them over all labelled inputs and over the kept rows (the accuracy of the training
+    labels)."""
+
+    inputs: int
+    labelled: int
+    kept: int
+    keep_rate: float
+    min_confidence: float | None = None
+    balance: str = "none"
+    logprobs_requested: bool
+    confidence: ConfidenceSummary       # all labelled inputs
+    confidence_kept: ConfidenceSummary  # the kept rows
+    per_label: dict[str, int]           # kept rows per label
+    balance_counts: BalanceCounts | None = None
+    agreement_all: Agreement | None = None
+    agreement_kept: Agreement | None = None
+    warning: str | None = None
+
+
 class GenerateStats(Versioned):
     SCHEMA: ClassVar[int] = 2
 
@@ -111,7 +154,8 @@ class GenerateStats(Versioned):
     wall_s: float
     items: int | None = None                  # label, respond
     samples_per_item: int | None = None       # respond
-    agreement_with_gold: Agreement | None = None  # label, inputs with a gold label
+    agreement_with_gold: Agreement | None = None  # label, kept rows with a gold label
+    teacher_labels: TeacherLabels | None = None   # label: confidence, threshold, balance, agreement all vs kept
     teacher_accuracy: Accuracy | None = None      # respond, inputs with a gold answer
     seed_tasks: int | None = None             # self-instruct
     rounds: int | None = None

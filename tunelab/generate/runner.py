@@ -210,6 +210,8 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
                 for i in sorted(hits):
                     pipeline.drops.add("contaminated", id=rows[i].data.get("id"))
                 rows = [r for i, r in enumerate(rows) if i not in hits]
+        rows, more = pipeline.finalize(rows)
+        result.extra.update(more)
         paths = write_outputs(out_dir, rows, formats=cfg.output.formats, provenance=cfg.output.provenance)
         batch_files: list[str] = []
         if opts.batch_api and resolver.pending:
