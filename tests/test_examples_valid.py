@@ -64,8 +64,11 @@ def test_shipped_experiments_resolve(path: Path) -> None:
         assert cfg.train.seed == entry.get("train", {}).get("seed", exp.get("seed", 0))
         assert plan.prompt == entry.get("prompt", next(iter(r.prompts)))
         assert plan.prompt_ref is r.prompts.get(plan.prompt)
-    if "generate" in exp:
+    if "generate" in exp and isinstance(exp["generate"]["config"], str):
         assert is_file(r.generate_config) and r.generate_config.samefile(path.parent / exp["generate"]["config"])
+    elif "generate" in exp:  # inline: checked as `tunelab generate` would (resolve.check_generate), paths there
+        assert r.generate_config == exp["generate"]["config"]
+        assert is_file(path.parent / exp["generate"]["config"]["data"]["path"])
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
