@@ -71,6 +71,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
     state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
         else {}
+    if state and hasattr(optimizer, "sync_from_device"):  # optim.offload: its CPU copies of the resumed weights
+        optimizer.sync_from_device()
     start_step, tokens = state.get("step", 0), state.get("tokens", 0)
     targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
     history: list[dict[str, Any]] = state.get("history", [])
