@@ -84,7 +84,9 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
 
     pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
     loss_module = SupervisedLoss(model)
-    loss_module, optimizer = acc.prepare(loss_module, optimizer)
+    # optim.offload: its state stays in CPU memory (accelerate would round-trip it through the device)
+    offloaded = hasattr(optimizer, "sync_from_device")
+    loss_module, optimizer = acc.prepare(loss_module, optimizer, device_placement=[True, not offloaded])
     loss_module.train()
     view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
     try:
