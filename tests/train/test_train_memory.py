@@ -237,6 +237,7 @@ def test_estimate_is_near_the_measured_peak_of_a_full_run(tmp_path, mid_model, c
     rep = json.loads((out / "report.json").read_text())
     m = rep["memory"]
     assert m["tensors_gb"] == planned["tensors_gb"] and m["parameters"] > 10_000_000
+    assert f"estimated {m['total_gb']:.2f} GB (cpu)" in (out / "report.html").read_text()
     grown = rep["peak_rss_gb"] - m["runtime_gb"]   # runtime: the process when the estimate was made
     assert 0.5 <= m["tensors_gb"] / grown <= 2.0, (m, rep["peak_rss_gb"])
     print(f"estimate {m['tensors_gb']:.3f} GB, measured growth {grown:.3f} GB")
