@@ -206,12 +206,13 @@ def mid_model(tmp_path_factory):
 
 
 def test_estimate_orders_the_levers(mid_model):
+    from transformers import AutoModelForCausalLM
+
     from tunelab.train.memory import estimate_memory, model_shape
 
-    shape = model_shape(mid_model)
-    assert shape.total == sum(p.numel() for p in
-                              __import__("transformers").AutoModelForCausalLM.from_pretrained(
-                                  str(mid_model)).parameters())
+    shape = model_shape(mid_model)   # from config.json, on the meta device: the loaded model's parameters
+    assert shape.total == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(mid_model)).parameters())
+    assert shape.head_tied and shape.layers == 4 and shape.hidden == 256 and len(shape.linears) == 4 * 7
     est = lambda **s: estimate_memory(config(**s), shape, longest=200, target_share=0.1)  # noqa: E731
     full, lora, qlora = est(method="full"), est(method="lora"), est(method="lora", lora={"quantize": "nf4"})
     assert full.tensors_gb > lora.tensors_gb > qlora.tensors_gb
@@ -253,3 +254,23 @@ def test_a_budget_the_run_cannot_fit_is_refused_before_loading(tmp_path, tiny_mo
     # a budget that fits: the run goes on (dry run: the preview names the budget)
     p = ok(run_train(*common(tiny_model_dir, chat_file, out, "--set", "train.max_memory_gb=64"), "--dry-run"))
     assert "budget 64 GB" in p.stderr
+
+
+def test_suggestions_name_each_lever_with_its_estimate_those_that_fit_first(mid_model):
+    import re
+
+    from tunelab.train.memory import estimate_memory, model_shape, suggestions
+
+    shape = model_shape(mid_model)
+    kw = dict(longest=200, target_share=0.1, cuda=True)
+    full = estimate_memory(config(method="full"), shape, **kw)
+    lora = estimate_memory(config(method="lora"), shape, **kw)
+    budget = round((full.total_gb + lora.total_gb) / 2, 3)
+    cfg = config(method="full", train={"max_memory_gb": budget})
+    tips = suggestions(cfg, shape, estimate_memory(cfg, shape, **kw), **kw)
+    gbs = [float(re.search(r"-> ([0-9.]+) GB", t).group(1)) for t in tips]
+    assert any(t.startswith(f"method lora -> {lora.total_gb:.2f} GB") for t in tips), tips
+    assert {t.split(" ->")[0] for t in tips} >= {"optim.optimizer adamw8bit", "optim.offload true",
+                                                  "train.activation_checkpointing true"}
+    fits = [g <= budget for g in gbs]
+    assert fits == sorted(fits, reverse=True) and all(g < full.total_gb for g in gbs), tips
