@@ -13,9 +13,9 @@ from helpers.cli import cli_env, run_cli
 NSMC_TRAIN = EXAMPLES / "data" / "nsmc_binary_train_512.jsonl"
 
 
-def tiny_base(out: Path, seed: int = 0, hidden: int = 32) -> Path:
-    """A tiny random Llama like ``tiny_model_dir`` (``seed``: its weights, ``hidden``: its width) with the bundled
-    tokenizer, written to ``out``."""
+def tiny_base(out: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny random Llama like ``tiny_model_dir`` (``seed``: its weights, ``hidden``: its width, ``layers``: its
+    depth) with the bundled tokenizer, written to ``out``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -23,7 +23,7 @@ def tiny_base(out: Path, seed: int = 0, hidden: int = 32) -> Path:
 
     tok = AutoTokenizer.from_pretrained(str(resolve_local_path(None)))
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)

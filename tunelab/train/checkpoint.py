@@ -47,11 +47,23 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
         for k, v in st.items():
             if torch.is_tensor(v):
                 tensors[f"{pid}.{k}"] = v
+            elif isinstance(v, dict):  # bitsandbytes' 8-bit state: {"__bnb_optimizer_quant_state__": {name: tensor}}
+                for kk, vv in v.items():
+                    if torch.is_tensor(vv):
+                        tensors[f"{pid}.{k}.{kk}"] = vv
+                    else:
+                        scalars.setdefault(str(pid), {}).setdefault(k, {})[kk] = vv
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     groups = []
     for g in sd["param_groups"]:
         groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
+    seen: set[int] = set()
+    for k, v in tensors.items():  # safetensors refuses shared storage (bitsandbytes' qmaps are one per optimizer)
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            tensors[k] = v.clone()
+        seen.add(ptr)
     return _contiguous(tensors), {"param_groups": groups, "scalars": scalars}
 
 
@@ -59,9 +71,17 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
+        if "." in name:  # one level of nesting (bitsandbytes' 8-bit state)
+            outer, inner = name.split(".", 1)
+            state.setdefault(int(pid), {}).setdefault(outer, {})[inner] = v
+        else:
+            state.setdefault(int(pid), {})[name] = v
     for pid, st in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(st)
+        for k, v in st.items():
+            if isinstance(v, dict):
+                state.setdefault(int(pid), {}).setdefault(k, {}).update(v)
+            else:
+                state.setdefault(int(pid), {})[k] = v
     groups = []
     for g in meta["param_groups"]:
         groups.append({k: (tuple(v) if k == "betas" else v) for k, v in g.items()})

@@ -152,6 +152,17 @@ class OptimConfig(StrictModel):
     clip_grad_norm: float | None = Field(1.0, gt=0, description="null: no clipping")
     param_groups: list[ParamGroup] = Field(default_factory=list, description="per-parameter lr multipliers / "
                                                                              "weight decay, by name")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw: torch AdamW, fp32 state (8 bytes per trained weight); adamw8bit: bitsandbytes' "
+                             "AdamW8bit, its two moments block-wise quantised to 8 bits (about 2 bytes per trained "
+                             "weight; tensors under 4096 weights keep fp32 state). Runs on CUDA and on the CPU")
+    fused: bool | Literal["auto"] = Field(
+        "auto", description="adamw: torch's fused AdamW kernel (one kernel for all parameters); auto: on CUDA "
+                            "only. Not for adamw8bit")
+    offload: bool = Field(
+        False, description="method full/pretrain on CUDA: keep the AdamW state (and an fp32 copy of the weights it "
+                           "updates) in CPU memory, the step computed there; saves 8 bytes per weight of GPU "
+                           "memory at the cost of two copies per step. On a CPU run: a no-op (with a note)")
 
 
 class LoopConfig(StrictModel):
@@ -184,6 +195,11 @@ class LoopConfig(StrictModel):
                                            "it as the result; the last weights are saved beside it (adapter-last/, "
                                            "model-last/) and the before/after eval scores both. null: off")
     activation_checkpointing: bool = False
+    max_memory_gb: float | None = Field(
+        None, gt=0, description="memory budget of the run in GB (GPU memory on CUDA, process memory on a CPU): "
+                                "before any weight is loaded the run's peak is estimated from the model's "
+                                "config.json (tunelab.train.memory; the preview prints it) and a run over the "
+                                "budget is refused with the breakdown and what would fit. null: no check")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     log_every: int = Field(1, ge=1)
@@ -278,6 +294,14 @@ class TrainConfig(StrictModel):
                 g.weight_decay for g in self.optim.param_groups)):
             raise ValueError("trainable.new_rows_only keeps the old embedding rows exactly: set optim.weight_decay "
                              "(and param_groups' weight_decay) to 0, or decay would shrink them")
+        if self.optim.optimizer == "adamw8bit" and self.optim.fused is True:
+            raise ValueError("optim.fused is torch AdamW's fused kernel; optim.optimizer adamw8bit has its own: "
+                             "drop optim.fused")
+        if self.optim.offload and self.method == "lora":
+            raise ValueError("optim.offload is for methods full and pretrain: a LoRA run's optimizer state is "
+                             "already small (the adapter's)")
+        if self.optim.offload and self.optim.optimizer != "adamw":
+            raise ValueError("optim.offload keeps AdamW's fp32 state on the CPU; with adamw8bit choose one of them")
         if self.method == "pretrain" and self.train.prompt_loss_weight:
             raise ValueError("train.prompt_loss_weight is for SFT (lora, full): pretrain already trains every token")
         if self.method == "pretrain" and self.data.format not in ("auto", "text"):

@@ -78,6 +78,7 @@ def finish(run: TrainSession, result: FitResult, params: dict[str, Any], probe: 
         mfu=MfuEstimate(estimate=round(mfu, 4) if mfu is not None else None, flops_per_token=round(fpt),
                         reference_flops=round(peak), reference=f"measured {run.autocast or torch.float32} 1024^3 "
                                                                "matmul on this machine at the end of the run"),
+        memory=run.memory,
         loss=LossSummary(first=losses[0] if losses else None, last=losses[-1] if losses else None,
                          last10_mean=sum(losses[-10:]) / len(losses[-10:]) if losses else None),
         history=[StepMetrics(**h) for h in result.history], forgetting=probe.result(), eval=ev,

@@ -71,6 +71,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
     state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
         else {}
+    if state and hasattr(optimizer, "sync_from_device"):  # optim.offload: its CPU copies of the resumed weights
+        optimizer.sync_from_device()
     start_step, tokens = state.get("step", 0), state.get("tokens", 0)
     targets_seen, elapsed = state.get("targets", 0), state.get("elapsed", 0.0)
     history: list[dict[str, Any]] = state.get("history", [])
@@ -82,7 +84,9 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
 
     pw = t.prompt_loss_weight  # 0 for pretrain (the config refuses it there)
     loss_module = SupervisedLoss(model)
-    loss_module, optimizer = acc.prepare(loss_module, optimizer)
+    # optim.offload: its state stays in CPU memory (accelerate would round-trip it through the device)
+    offloaded = hasattr(optimizer, "sync_from_device")
+    loss_module, optimizer = acc.prepare(loss_module, optimizer, device_placement=[True, not offloaded])
     loss_module.train()
     view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
     try:

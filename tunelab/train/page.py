@@ -47,6 +47,8 @@ def write(path: str | Path, r: TrainReport) -> Path:
         ("processes", r.processes), ("device / autocast", f"{r.device} / {r.autocast}"),
         ("tokens (targets)", f"{r.tokens:,} ({r.target_tokens:,})"), ("throughput", f"{r.tok_s:.1f} tok/s"),
         ("MFU (estimate)", _mfu_text(r)),
+        ("peak memory", f"{r.peak_rss_gb:.2f} GB RSS" + (f"; estimated {r.memory.total_gb:.2f} GB ({r.memory.device})"
+                                                        if r.memory is not None else "")),
         ("loss first / last", f"{r.loss.first:.4f} / {r.loss.last:.4f}" if r.history else "-"),
     ]
     data_rows = [("file", f"{d.path} ({d.format})"),

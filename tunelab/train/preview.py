@@ -61,6 +61,11 @@ def show_preview(run: TrainSession) -> dict[str, Any]:
         f"device {run.device}",
         f"first example ({first.where}), {len(first)} tokens, {first.n_targets} supervised, marked ⟦…⟧:",
     ]
+    if run.memory is not None:
+        from tunelab.train.memory import describe
+
+        budget = f", budget {t.max_memory_gb:g} GB" if t.max_memory_gb else ""
+        lines.insert(-1, f"memory ({run.memory.device}, estimated): {describe(run.memory)}{budget}")
     if t.prompt_loss_weight:
         lines.insert(-1, f"prompt loss: the other {first.n_prompt_targets} tokens of each example are trained too, "
                          f"their mean loss weighted {t.prompt_loss_weight:g} x the answer's "
@@ -89,7 +94,7 @@ def dry_run_summary(run: TrainSession) -> TrainDryRun:
     plan = make_plan(run.cfg, len(run.data.examples))
     out = TrainDryRun(method=run.cfg.method, model=str(run.model_path), data=run.data.stats.as_dict(),
                       format=run.data.format, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
-                      warmup_steps=plan.warmup,
+                      warmup_steps=plan.warmup, memory=run.memory,
                       first_example=json.loads(dump_example(run.data.examples[0], run.tokenizer)))
     run.log("dry run: nothing was trained")
     return out

@@ -16,7 +16,7 @@ from pydantic import Field
 from tunelab.results import Result, Versioned
 from tunelab.stats import PairedComparison
 
-__all__ = ["StepMetrics", "ParameterCount", "DataSummary", "MfuEstimate", "LossSummary", "ForgettingResult",
+__all__ = ["StepMetrics", "ParameterCount", "DataSummary", "MfuEstimate", "MemoryEstimate", "LossSummary", "ForgettingResult",
            "BeforeAfter", "TrainReport", "TrainDryRun"]
 
 
@@ -64,6 +64,31 @@ class MfuEstimate(Result):
     flops_per_token: int
     reference_flops: int
     reference: str
+
+
+class MemoryEstimate(Result):
+    """The run's peak memory estimated before loading (tunelab.train.memory), in GiB: ``total_gb`` = the larger of
+    training (weights + grads + optimizer + the larger of weight casts + activations and the optimizer step's
+    temporaries) and loading, + the runtime. ``device``: where
+    it is counted (GPU memory on cuda, process memory on cpu); ``offloaded_gb``: what optim.offload keeps in CPU
+    memory instead."""
+
+    total_gb: float
+    tensors_gb: float
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    optimizer_step_gb: float = 0.0
+    weight_casts_gb: float
+    activations_gb: float
+    load_gb: float
+    runtime_gb: float
+    offloaded_gb: float = 0.0
+    parameters: int
+    trained_parameters: int
+    micro_batch_tokens: int
+    device: str
+    budget_gb: float | None = None
 
 
 class LossSummary(Result):
@@ -126,6 +151,7 @@ class TrainReport(Versioned):
     autocast: str | None = None
     device: str
     mfu: MfuEstimate
+    memory: MemoryEstimate | None = None
     loss: LossSummary
     history: list[StepMetrics]
     forgetting: ForgettingResult | None = None
@@ -163,4 +189,5 @@ class TrainDryRun(Result):
     steps: int
     steps_per_epoch: int
     warmup_steps: int
+    memory: MemoryEstimate | None = None
     first_example: dict[str, Any]

@@ -28,7 +28,10 @@ RUN_CONFIG = "run_config.json"
 RUN_FILES = ("adapter", "adapter-last", "model", "model-last", "checkpoints", "metrics.jsonl", "report.json",
              "report.html", RUN_CONFIG)
 # fields that do not change the trained weights: they may differ between a run and its --resume, and are not hashed
-FREE_FIELDS = ("name", "out", "train.threads", "train.log_every", "checkpoint", "eval", "forgetting")
+FREE_FIELDS = ("name", "out", "train.threads", "train.log_every", "train.max_memory_gb", "checkpoint", "eval",
+               "forgetting")
+# fields added after runs were written: hashed only when set otherwise, so an older run still resumes
+LATER_DEFAULTS = {"optim.optimizer": "adamw", "optim.fused": "auto", "optim.offload": False}
 INPUT_FIELDS = ("data.path", "data.prompt", "lora.init_adapter")  # files whose content is hashed (and data.mix's)
 
 
@@ -55,7 +58,8 @@ def resolved_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config a run's weights depend on, as dotted fields: every field but FREE_FIELDS, and the digests of the
     files it reads (``inputs.data.path`` ...)."""
     flat = _flat(cfg.model_dump(mode="json"))
-    out = {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_FIELDS)}
+    out = {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in FREE_FIELDS)
+           and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     files = {f: flat.get(f) for f in INPUT_FIELDS}
     for i, m in enumerate(cfg.data.mix):
         files[f"data.mix.{i}.path"], files[f"data.mix.{i}.prompt"] = m.path, m.prompt

@@ -16,6 +16,7 @@ from tunelab.errors import ConfigError
 from tunelab.train.rundir import check_out_dir, clear_run
 from tunelab.train.config import TrainConfig
 from tunelab.train.data import TrainData
+from tunelab.train.memory import preflight
 from tunelab.train.precision import autocast_ctx, pick_autocast
 from tunelab.train.tokenizer import load_tokenizer
 
@@ -38,6 +39,7 @@ class TrainSession:
     resume: bool = False
     resolved: dict[str, Any] | None = None  # the config the weights depend on (rundir.resolved_config)
     varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
+    memory: Any = None  # the MemoryEstimate made before loading (tunelab.train.memory), None when none could be
 
     @property
     def rank(self) -> int:
@@ -86,6 +88,7 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
                        log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume,
                        resolved=resolved)
     check_batching(run)
+    run.memory = preflight(run)  # before any weight is loaded; over train.max_memory_gb: refused
     if force and not dry_run:
         if run.is_main and (gone := clear_run(out)):
             run.log(f"--force: removed the earlier run's {', '.join(gone)} from {out}")

@@ -5,6 +5,7 @@ of a Llama-style decoder (``flops_per_token``) and the machine's matmul FLOP/s t
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from typing import Any
@@ -15,6 +16,15 @@ import torch
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (/proc/self/statm; elsewhere the peak so far)."""
+    try:
+        pages = int(open("/proc/self/statm", encoding="ascii").read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return int(peak_rss_gb() * 1024 ** 3)
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype | None, seconds: float = 0.5) -> float:
