@@ -31,7 +31,8 @@ RUN_FILES = ("adapter", "adapter-last", "model", "model-last", "checkpoints", "m
 FREE_FIELDS = ("name", "out", "train.threads", "train.log_every", "train.max_memory_gb", "checkpoint", "eval",
                "forgetting")
 # fields added after runs were written: hashed only when set otherwise, so an older run still resumes
-LATER_DEFAULTS = {"optim.optimizer": "adamw", "optim.fused": "auto", "optim.offload": False}
+LATER_DEFAULTS = {"optim.optimizer": "adamw", "optim.fused": "auto", "optim.offload": False,
+                  "trainable.match": None, "trainable.new_rows_only": False}
 INPUT_FIELDS = ("data.path", "data.prompt", "lora.init_adapter")  # files whose content is hashed (and data.mix's)
 
 
