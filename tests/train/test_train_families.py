@@ -150,7 +150,8 @@ def test_packed_and_padded_losses_equal_per_example_forward_passes(family):
         assert use_varlen_attention(varlen)
         got = {"varlen": batch_loss(SupervisedLoss(varlen), collate(exs, packing=True, varlen=True)),
                "mask": batch_loss(SupervisedLoss(model), collate(exs, packing=True, pack_len=4096, pad_id=2)),
-               "padded": batch_loss(SupervisedLoss(model), collate(exs, packing=False, pad_id=2))}
+               "padded": batch_loss(SupervisedLoss(model), collate(exs, packing=False, pad_id=2)),
+               "varlen model, plain forward": naive_loss(varlen, exs)}  # no segments: inference, probes
     for how, loss in got.items():
         assert float(loss) == pytest.approx(ref, rel=1e-5), (fam.name, how)
 

@@ -20,7 +20,9 @@ VARLEN = "tunelab_varlen"
 
 def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention function: with ``tunelab_segments`` (boundaries in a single packed row) each
-    sequence attends causally to itself only; without them (inference, probes) plain SDPA.
+    sequence attends causally to itself only; without them (inference, probes) plain SDPA, or the same causal
+    attention per row where the layer has a sliding window or soft-capping and transformers gave no mask (it
+    builds none for a custom attention function), or the model's eager attention for soft-capping with a mask.
 
     query (1, H, T, D), key/value (1, Hkv, T, D) -> (1, T, H, D)
     """
@@ -39,6 +41,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
             import sys
 
             eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+            if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager adds it to the scores
+                attention_mask = torch.zeros(attention_mask.shape, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(torch.float32).min)
             return eager(module, query, key, value, attention_mask, dropout=p, scaling=scaling, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
