@@ -12,6 +12,10 @@ Three tricks make label scoring an order of magnitude cheaper than generating pe
 
 4. On a CPU, the grouped key/value heads go to SDPA as they are (``enable_gqa``), not copied once per query head.
 
+The tree mask goes to the model as its layers take it (a sliding window by position, eager attention, a final
+logit soft-capping: ``tunelab.models.masks``), and the prefix's KV cache keeps every key, also in a model's
+sliding layers (the tree's rows attend to the prefix by the mask, not by what a sliding cache kept).
+
 The result equals scoring each (prompt + choice) separately with a plain forward pass (tested).
 """
 
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from tunelab.models.masks import layer_masks, softcap_logits
 
 
 def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -111,8 +117,11 @@ class PrefixScorer:
         P = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         with self._autocast():
             if P > 0:
+                from transformers import DynamicCache
+
                 prefix = torch.tensor([prompts[0][:P]], device=device)
-                out = self.body(input_ids=prefix, use_cache=True)
+                # A cache of full layers: one built from the config would keep only a window in sliding layers.
+                out = self.body(input_ids=prefix, use_cache=True, **{self._cache_kw: DynamicCache()})
                 cache = out.cache if "cache" in out else out.past_key_values
                 prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
             else:
@@ -179,13 +188,16 @@ class PrefixScorer:
             for li, (k, v) in enumerate(prefix_kv):
                 cache.update(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), li)
         kwargs = {self._cache_kw: cache} if cache is not None else {}
+        k_pos = torch.cat([torch.arange(P).expand(B, -1), pos], dim=1)  # (B, P+Q)
+        masks = layer_masks(self.model.config, mask[:, None], pos, k_pos)
+        masks = {k: m.to(device) for k, m in masks.items()} if isinstance(masks, dict) else masks.to(device)
         with sdpa_gqa_with_mask(device):
-            h = self.body(input_ids=ids.to(device), position_ids=pos.to(device),
-                          attention_mask=mask[:, None].to(device), use_cache=cache is not None,
-                          **kwargs).last_hidden_state
+            h = self.body(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=masks,
+                          use_cache=cache is not None, **kwargs).last_hidden_state
         gb = torch.tensor(gather_b, device=device)
         gq = torch.tensor(gather_q, device=device)
-        logits = self.head(h[gb, gq]).float()  # (T, V): only the positions that predict a choice token
+        # (T, V): only the positions that predict a choice token
+        logits = softcap_logits(self.model.config, self.head(h[gb, gq]).float())
         lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(target, device=device)[:, None])[:, 0]
         per_row = lp.view(B, choice_len).cpu()
         out: list[list[float]] = []

@@ -15,7 +15,9 @@ SFT examples are rendered with the model's own chat template; the loss falls on 
 from the first answer token up to and including the end-of-turn token (``<|im_end|>``), not on the
 whitespace the template puts after it. Spans are found by rendering the conversation up to each assistant
 turn (with the generation prompt) and after it, so any template whose renderings are prefixes of each other
-works; one that is not raises a clear error.
+works; one that is not raises a clear error. The text is tokenized in pieces cut where each trained answer starts,
+so the ids before an answer are exactly those of the rendered prompt that `tunelab eval` and `tunelab serve`
+give the model (tested per model family in tests/train/test_train_families.py).
 """
 
 from __future__ import annotations
@@ -254,16 +256,22 @@ class ChatEncoder:
         return full, spans
 
     def encode(self, messages: list[dict[str, str]], train: list[bool], where: str) -> Example:
+        """The conversation's token ids, cut at the start of each trained answer: the text before an answer is
+        tokenized on its own, as `tunelab eval` and `tunelab serve` tokenize the rendered prompt, so the model
+        trains on the prompt ids it gets at inference. (Tokenized whole, a generation prompt that ends in
+        whitespace, Llama 3's ``<|end_header_id|>\\n\\n`` or Qwen3's ``</think>\\n\\n``, merges with the answer in a
+        GPT-2-style byte-level BPE: ``\\n\\nPositive`` is Ċ Ċ Positive, the prompt alone ends in ĊĊ.)"""
         text, spans = self.spans(messages, train, where)
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        targets = [False] * len(ids)
-        si = 0
-        for t, (a, b) in enumerate(offsets):
-            while si < len(spans) and a >= spans[si][1]:
-                si += 1
-            if si < len(spans) and a >= spans[si][0] and b > a and t > 0:
-                targets[t] = True
+        cuts = [0, *(a for a, _ in spans), len(text)]
+        ids: list[int] = []
+        targets: list[bool] = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if hi <= lo:
+                continue
+            enc = self.tok(text[lo:hi], add_special_tokens=False, return_offsets_mapping=True)
+            for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+                targets.append(bool(ids) and b > a and any(s <= lo + a < e for s, e in spans))
+                ids.append(tid)
         if not any(targets):
             raise DataError("the answer has no tokens after rendering", where=where)
         return Example(ids, targets, where)

@@ -1,7 +1,8 @@
 """The training objective: cross-entropy of a causal LM at the target positions only.
 
 The loss applies the output projection only where a target is predicted: the decoder gives hidden states
-``(B, T, C)``, the target positions are gathered to ``(N, C)`` and only those meet the 49k-entry lm_head.
+``(B, T, C)``, the target positions are gathered to ``(N, C)`` and only those meet the 49k-entry lm_head; a
+model's final logit soft-capping (Gemma 2: ``cap * tanh(logits / cap)``) is applied as its own forward does.
 ``mean_nll`` is the same loss as one number over a list of examples (the forgetting probe).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.models.masks import softcap_logits
+from tunelab.train.attention import packed_mask
 from tunelab.train.collate import Batch, collate
 from tunelab.train.data import Example
 from tunelab.train.precision import autocast_ctx
@@ -26,26 +29,32 @@ class SupervisedLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         self.head_chunk = head_chunk
+        self.config = model.config
 
     def forward(self, input_ids, position_ids, attention_mask, pred_rows, pred_cols, targets,
                 segments: list[int] | None = None) -> torch.Tensor:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
         extra = {"tunelab_segments": segments} if segments is not None else {}
+        if attention_mask is not None:
+            attention_mask = packed_mask(self.model, attention_mask)
         h = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                  use_cache=False, **extra).last_hidden_state            # (B, T, C), final norm applied
         hs = h[pred_rows, pred_cols]                                     # (N, C)
         if hs.shape[0] <= self.head_chunk:
-            return _head_nll(head, hs, targets)
+            return _head_nll(head, hs, targets, self.config)
         # Many targets (pre-training, prompt loss): logits chunk by chunk, recomputed in backward, never (N, V).
         from torch.utils.checkpoint import checkpoint
 
         return torch.cat([checkpoint(_head_nll, head, hs[s:s + self.head_chunk], targets[s:s + self.head_chunk],
-                                     use_reentrant=False) for s in range(0, hs.shape[0], self.head_chunk)])
+                                     self.config, use_reentrant=False)
+                          for s in range(0, hs.shape[0], self.head_chunk)])
 
 
-def _head_nll(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_nll(head: torch.nn.Module, hs: torch.Tensor, targets: torch.Tensor, config=None) -> torch.Tensor:
     logits = head(hs).float()                                            # (N, V)
+    if config is not None:
+        logits = softcap_logits(config, logits)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
