@@ -14,8 +14,16 @@ import torch
 
 
 def peak_rss_gb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    """Peak resident memory of this process: VmHWM of /proc/self/status (this program's own high-water mark), else
+    ru_maxrss. Linux's ru_maxrss keeps the parent's resident size from before exec (a child of a 2 GB pytest or
+    notebook reports at least 2 GB), so it is only the fallback."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024 ** 2  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2  # KiB on Linux
 
 
 def current_rss_bytes() -> int:
