@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's tunelab, also where another one
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from children import run_child  # noqa: E402
+from tunelab.train.throughput import peak_rss_gb  # noqa: E402  (this process's own high-water mark, not ru_maxrss)
 DATA = ROOT / "examples" / "data" / "nsmc_binary_train_512.jsonl"
 PROMPT = ROOT / "examples" / "train" / "sentiment_binary_short.yaml"
 SHAPES = {  # LlamaConfig fields of a random-init model
@@ -35,12 +36,6 @@ SHAPES = {  # LlamaConfig fields of a random-init model
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                      rope_theta=500000.0, tie_word_embeddings=False),
 }
-
-
-def peak_rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def random_model(shape: str, workdir: Path) -> Path:

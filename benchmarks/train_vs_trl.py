@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from children import run_child  # noqa: E402
+from tunelab.train.throughput import peak_rss_gb  # noqa: E402  (this process's own high-water mark, not ru_maxrss)
 
 DATA = ROOT / "examples" / "data" / "nsmc_binary_train_512.jsonl"
 INSTRUCTION = "다음 영화 리뷰의 감정을 Positive 또는 Negative로 답하세요."
@@ -37,10 +37,6 @@ def conversations(n: int) -> list[dict]:
         sys.exit(f"{DATA} has only {len(rows)} reviews")
     return [{"prompt": [{"role": "user", "content": f"{INSTRUCTION}\n\n{r['text']}"}],
              "completion": [{"role": "assistant", "content": r["label"]}]} for r in rows]
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 # --------------------------------------------------------------------------------------------------

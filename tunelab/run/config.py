@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunelab.config import GenerationConfig, StrictModel, describe_validation_error, field_line, load_yaml
 from tunelab.errors import ConfigError
+from tunelab.vocab.config import VocabOptions
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TRAIN_SECTIONS = ("lora", "optim", "train", "checkpoint", "forgetting", "trainable")
@@ -59,15 +60,11 @@ class GenerateSettings(StrictModel):
                                                  "(pseudo-labelling unlabelled text with a fine-tuned model)")
 
 
-class VocabSettings(StrictModel):
-    """The ``vocab:`` stage: `tunelab vocab extend` on the experiment's model; train methods with ``model: vocab``
-    start from the extended model."""
+class VocabSettings(VocabOptions):
+    """The ``vocab:`` stage: `tunelab vocab extend` on the experiment's model (the command's fields: add, field,
+    limit, min_frequency, encoding); train methods with ``model: vocab`` start from the extended model."""
 
     data: str = Field(description="in-domain text (JSONL/CSV records) the new tokens are learnt from")
-    add: int = Field(ge=1, description="new tokens")
-    field: str = Field("text", description="the record field that holds the text")
-    limit: int | None = Field(None, ge=1, description="learn from the first N records only")
-    min_frequency: int = Field(2, ge=1, description="a learnt token must occur this often")
 
 
 class TrainMethod(StrictModel):
@@ -254,6 +251,7 @@ class MethodPlan:
     prompt: str                 # a prompt name, 'best', or '@file' for a PromptSpec file outside prompts:
     prompt_ref: PromptRef | None = None
     scored: bool = True         # eval_after scores it (TrainMethod.score; default: not a pretrain method)
+    method: str = "lora"        # the method it trains (base_data's, after the config and the entry are merged)
 
 
 @dataclass

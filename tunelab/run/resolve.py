@@ -179,11 +179,11 @@ def resolve(exp: Experiment, resolved: Path, *, limit: int | None = None, shown:
                                                              f"differs from the prompts' {next(iter(tasks))!r}")
         plan = MethodPlan(m, i, {}, prompt, ref)
         plan.base_data = train_dict(r, plan, limit)
-        method = plan.base_data["method"]
+        method = plan.method = plan.base_data["method"]
         plan.scored = m.score if m.score is not None else method != "pretrain"
         if m.model not in ("base", "vocab"):
             src = next(p for p in r.methods if p.entry.name == m.model)
-            if src.base_data["method"] == "lora":
+            if src.method == "lora":
                 raise config_error(path, ("train", i, "model"), f"{m.model!r} is a LoRA method: its result is an "
                                                                 "adapter, not a model to start from (merge it, or "
                                                                 "start from a full or pretrain method)")

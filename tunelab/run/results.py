@@ -104,6 +104,11 @@ class TrainStageResult(Result):
     lora_r: int | None = None
     forgetting: ForgettingResult | None = None
 
+    def started_from(self, experiment_model: str) -> str:
+        """The model its artifact belongs on (an adapter's base): what it started from, the experiment's model for
+        a result written before ``base_model`` was recorded."""
+        return self.base_model or experiment_model
+
 
 class MethodHeadline(Result):
     accuracy: Interval | None = None

@@ -280,7 +280,7 @@ class GenerateStage:
         if self.teacher is not None:
             tr = ctx.upstream_result(self.teacher.key, TrainStageResult)
             if tr.kind == "adapter":
-                model, adapters, name = tr.base_model or r.model, {self.SERVED: tr.artifact}, "base"
+                model, adapters, name = tr.started_from(r.model), {self.SERVED: tr.artifact}, "base"
             else:
                 model = tr.artifact
             ctx.log(f"generate: serving {self.teacher.plan.entry.name} ({tr.artifact}) as the teacher "
@@ -329,7 +329,7 @@ class VocabStage:
         if d.exists():
             shutil.rmtree(d)
         ctx.log(f"vocab: {v.add} tokens learnt from {r.vocab_data.name} added to {r.model}")
-        cfg = VocabConfig(model=r.model, add=v.add, field=v.field, limit=v.limit, min_frequency=v.min_frequency)
+        cfg = VocabConfig(model=r.model, **v.model_dump(exclude={"data"}))
         rep = extend_vocab(r.vocab_data, d / "model", cfg, log=ctx.log)
         ctx.log(f"vocab: tokens per text {rep.tokens_per_text_before:.1f} -> {rep.tokens_per_text_after:.1f} "
                 f"({rep.texts} texts), vocabulary {rep.base_vocab_size} -> {rep.vocab_size}")
@@ -359,7 +359,7 @@ class TrainStage:
 
     @property
     def pretrain(self) -> bool:
-        return self.plan.base_data["method"] == "pretrain"
+        return self.plan.method == "pretrain"
 
     def base_model(self, ctx: Ctx) -> str:
         """The model it starts from: the experiment's, the vocab stage's, or the one an earlier method wrote."""
@@ -536,7 +536,7 @@ class EvalAfterStage:
             tr = ctx.upstream_result(t.key, TrainStageResult)
             ref = self._eval_prompt(ctx, t)
             artifact = Path(tr.artifact)
-            tuned = (_model_cfg(r, name, adapter=artifact, model=tr.base_model) if tr.kind == "adapter"
+            tuned = (_model_cfg(r, name, adapter=artifact, model=tr.started_from(r.model)) if tr.kind == "adapter"
                      else _model_cfg(r, name, model=str(artifact)))
             same = next((n for n, p in r.prompts.items() if p.hash == ref.hash), None)
             models = [tuned] if same is not None else [_model_cfg(r, "base"), tuned]
@@ -596,10 +596,10 @@ class ServeStage:
             tr = ctx.upstream_result(t.key, TrainStageResult)
             if tr.kind == "model":
                 others[t.plan.entry.name] = tr.artifact
-            elif tr.base_model in (None, r.model):
+            elif tr.started_from(r.model) == r.model:
                 adapters[t.plan.entry.name] = tr.artifact
             else:  # an adapter of the vocab stage's or an earlier method's model: served over that model
-                elsewhere.setdefault(tr.base_model, {})[t.plan.entry.name] = tr.artifact
+                elsewhere.setdefault(tr.started_from(r.model), {})[t.plan.entry.name] = tr.artifact
         model_flag = "" if r.model == "bundled" else f" --model {r.model}"
         cmd = "tunelab serve" + model_flag + "".join(f" --adapter {n}={p}" for n, p in adapters.items())
         cmds = [cmd] + [f"tunelab serve --model {p} --served-model-name {n}" for n, p in others.items()]

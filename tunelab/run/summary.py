@@ -63,7 +63,7 @@ def build_summary(out: Path, state: RunState, r) -> RunSummary:
         tr = stages.get(f"train/{name}")
         res = tr.result if tr is not None and tr.status == "done" and isinstance(tr.result, TrainStageResult) \
             else None
-        row = MethodRow(name=name, method=res.method if res else m.base_data.get("method"), train=res)
+        row = MethodRow(name=name, method=res.method if res else m.method, train=res)
         a = after.methods.get(name) if after is not None else None
         if a is not None:
             row.prompt, row.vs_best, row.vs_before = a.prompt, a.vs_best, a.vs_before
