@@ -56,20 +56,20 @@ def check_fsdp(cfg) -> None:
         raise ConfigError(f"fsdp_state_dict_type {sd_type} is not supported by tunelab train: checkpoints and the "
                           "adapter/model are always written as full tensors; set FULL_STATE_DICT", where=where)
     if cfg.method == "lora" and cfg.lora.quantize != "none":
-        raise ConfigError(f"lora.quantize {cfg.lora.quantize} (bitsandbytes) does not work with FSDP: train the "
-                          "quantised base with DDP (examples/accelerate/ddp.yaml) or one process",
+        raise ConfigError(f"{cfg.lora.quantize} (bitsandbytes) does not work with FSDP: train the quantised base "
+                          "with DDP (examples/accelerate/ddp.yaml) or one process",
                           where="lora.quantize")
     if cfg.optim.optimizer == "adamw8bit":
-        raise ConfigError("optim.optimizer adamw8bit (bitsandbytes) does not step sharded DTensor parameters: use "
-                          "adamw under FSDP (its state is sharded over the processes already)",
+        raise ConfigError("adamw8bit (bitsandbytes) does not step FSDP's sharded DTensor parameters: use adamw "
+                          "(FSDP shards its state over the processes already)",
                           where="optim.optimizer")
     if cfg.optim.offload:
-        raise ConfigError("optim.offload does not work with FSDP (it keeps a full CPU copy of the weights): FSDP "
-                          "shards the optimizer state over the processes already; unset optim.offload",
+        raise ConfigError("does not work with FSDP (it keeps a full CPU copy of the weights): FSDP shards the "
+                          "optimizer state over the processes already; unset it",
                           where="optim.offload")
     if cfg.trainable.new_rows_only:
-        raise ConfigError("trainable.new_rows_only is not supported under FSDP (its gradient hook needs the whole "
-                          "vocabulary matrix): use DDP (examples/accelerate/ddp.yaml) or one process",
+        raise ConfigError("not supported under FSDP (its gradient hook needs the whole vocabulary matrix): use DDP "
+                          "(examples/accelerate/ddp.yaml) or one process",
                           where="trainable.new_rows_only")
 
 
