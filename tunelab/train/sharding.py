@@ -77,12 +77,12 @@ def enable_fsdp(accelerator) -> bool:
     """Shard with FSDP2 where the config asks for it; True if this run's model will be sharded. accelerate
     1.15 ignores ``distributed_type: FSDP`` in CPU processes (they become MULTI_CPU, i.e. DDP over gloo);
     ``fully_shard`` works over a CPU device mesh, so tunelab switches such a run to FSDP itself."""
-    if not fsdp_requested() or accelerator.num_processes < 2:
+    if not fsdp_requested():
         return False
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    if state.distributed_type == DistributedType.MULTI_CPU:
+    if state.distributed_type == DistributedType.MULTI_CPU:  # (one process is DistributedType.NO: not sharded)
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
     return accelerator.is_fsdp2
