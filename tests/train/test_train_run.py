@@ -161,9 +161,9 @@ def test_two_process_accelerate_launch_matches_one_process(tmp_path, tiny_model_
     accelerate = Path(sys.executable).parent / "accelerate"
     out2 = tmp_path / "ddp"
     args = common(tiny_model_dir, chat_file, out2, "--max-steps", "3")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "tunelab.cli", "train", *args]
+    # the shipped DDP config (examples/accelerate/ddp.yaml), 2 processes instead of its 4
+    cmd = [str(accelerate), "launch", "--config_file", str(EXAMPLES / "accelerate" / "ddp.yaml"), "--num_processes",
+           "2", "--main_process_port", str(free_port()), "-m", "tunelab.cli", "train", *args]
     ok(subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT, timeout=240))
     rep = json.loads((out2 / "report.json").read_text())
     assert rep["processes"] == 2

@@ -17,32 +17,50 @@ from tunelab.results import write_json
 from tunelab.train.ema import swapped_weights
 from tunelab.train.loop import FitResult
 from tunelab.train.session import TrainSession
+from tunelab.train.sharding import gathered
 from tunelab.models.base import VOCAB_FILE
 
 
 def save_adapter(run: TrainSession, model, target: Path | None = None) -> Path:
-    """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training."""
+    """A standard PEFT adapter dir, plus the exact chat template and PromptSpec used in training. Called on the
+    main process; under FSDP on every process (the adapter's shards are gathered), the main one writing."""
     target = target or run.out / "adapter"
-    target.mkdir(parents=True, exist_ok=True)
     unwrapped = run.accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(str(target), safe_serialization=True)
+    # PEFT picks the adapter's tensors (lora_*, modules_to_save copies) out of the state dict: gather those only
+    state = _full_state(run, unwrapped, keep=lambda n, t: t.requires_grad or "lora_" in n or "modules_to_save" in n)
+    if not run.is_main:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    unwrapped.save_pretrained(str(target), safe_serialization=True, **({"state_dict": state} if run.fsdp else {}))
     write_inference_files(run, target)
     return target
 
 
 def save_model(run: TrainSession, model, target: Path | None = None) -> Path:
-    """A complete HF model directory that `tunelab eval --model DIR` and every HF tool load."""
+    """A complete HF model directory that `tunelab eval --model DIR` and every HF tool load. Called on the main
+    process; under FSDP on every process (the weights are gathered), the main one writing."""
     target = target or run.out / "model"
-    target.mkdir(parents=True, exist_ok=True)
     unwrapped = run.accelerator.unwrap_model(model)
+    state = _full_state(run, unwrapped)
+    if not run.is_main:
+        return target
+    target.mkdir(parents=True, exist_ok=True)
     unwrapped.config.use_cache = True
-    unwrapped.save_pretrained(str(target), safe_serialization=True)
+    unwrapped.save_pretrained(str(target), safe_serialization=True, **({"state_dict": state} if run.fsdp else {}))
     run.tokenizer.save_pretrained(str(target))
     write_inference_files(run, target)
     vocab = run.model_path / VOCAB_FILE  # an extended vocabulary stays one (a later stage's new_rows_only reads it)
     if vocab.is_file():
         shutil.copyfile(vocab, target / VOCAB_FILE)
     return target
+
+
+def _full_state(run: TrainSession, model, keep=lambda n, t: True) -> dict[str, torch.Tensor] | None:
+    """FSDP: the model's state dict (what ``keep`` selects) as full CPU tensors on the main process, gathered
+    shard by shard on every process; None without FSDP (save_pretrained reads the model itself)."""
+    if not run.fsdp:
+        return None
+    return gathered(model.state_dict(keep_vars=True), main=run.is_main, keep=keep)
 
 
 def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save: Callable[..., Path],
@@ -52,7 +70,7 @@ def save_last(run: TrainSession, model: torch.nn.Module, result: FitResult, save
     if result.last_weights is None:
         return None
     target = artifact.with_name(artifact.name + "-last")
-    if run.is_main:
+    if run.is_main or run.fsdp:  # under FSDP every process holds its shards of both and takes part in the save
         with swapped_weights(run.accelerator.unwrap_model(model), result.last_weights):
             save(run, model, target)
     return target

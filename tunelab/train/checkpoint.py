@@ -39,8 +39,9 @@ def _contiguous(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # optimizer
 # --------------------------------------------------------------------------------------------------
-def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_files(opt: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state dict (or ``opt`` itself when it is one) as safetensors tensors and JSON."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -65,6 +66,20 @@ def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
             tensors[k] = v.clone()
         seen.add(ptr)
     return _contiguous(tensors), {"param_groups": groups, "scalars": scalars}
+
+
+def gathered_optimizer_state(opt: torch.optim.Optimizer, *, main: bool) -> dict[str, Any]:
+    """FSDP: the optimizer's state dict with its DTensor shards gathered to full CPU tensors on the main process
+    (``{}`` elsewhere), in the form ``opt.state_dict()`` has in one process; every process must call it."""
+    from tunelab.train.sharding import gathered
+
+    sd = opt.state_dict()
+    state = {}
+    for pid in sorted(sd["state"]):
+        st = sd["state"][pid]
+        tensors = gathered({k: v for k, v in st.items() if torch.is_tensor(v)}, main=main)
+        state[pid] = {k: tensors.get(k) if torch.is_tensor(v) else v for k, v in st.items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if main else {}
 
 
 def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -129,7 +144,7 @@ def checkpoint_root(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save_checkpoint(out: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+def save_checkpoint(out: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict,
                     state: dict[str, Any], keep: int = 2, rank: int = 0, world: int = 1,
                     barrier=lambda: None) -> Path:
     """Write a checkpoint for ``step``. Every process writes its RNG state; rank 0 writes the rest."""

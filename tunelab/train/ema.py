@@ -10,6 +10,7 @@ import contextlib
 import torch
 
 from tunelab.train.modeling import trainable_named
+from tunelab.train.sharding import shard_like
 
 
 class WeightEMA:
@@ -59,9 +60,10 @@ def cpu_copy(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_weights(named: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights[name]`` into each tensor of ``named`` (its device and dtype kept)."""
+    """Copy ``weights[name]`` into each tensor of ``named`` (its device and dtype kept; a full tensor into a DTensor:
+    this process's shard of it)."""
     for n, p in named.items():
-        p.copy_(weights[n].to(p.device, p.dtype))
+        p.copy_(shard_like(weights[n], p).to(p.device, p.dtype))
 
 
 @contextlib.contextmanager

@@ -33,26 +33,35 @@ class ForgettingProbe:
         dc = TrainDataConfig(path=f.data, format=f.format, limit=f.limit, max_seq_len=run.cfg.data.max_seq_len)
         return cls(load_train_data(dc, run.tokenizer, method="lora"))
 
-    def _nll(self, run: TrainSession, model) -> float:
+    def _nll(self, run: TrainSession, model, loss_module=None) -> float:
         return mean_nll(model, self.data.examples, device=run.device, autocast=run.autocast,
-                        pad_id=run.tokenizer.pad_token_id or 0)
+                        pad_id=run.tokenizer.pad_token_id or 0, loss_module=loss_module)
 
-    def measure_before(self, run: TrainSession, model) -> None:
-        if self.data is None or not run.is_main:
+    def _skip(self, run: TrainSession, loss_module) -> bool:
+        """Not measured here: without a probe; on processes other than the main one; under FSDP (where every
+        process measures, on the sharded model) until ``loss_module``, the prepared one, is given."""
+        return self.data is None or (loss_module is None if run.fsdp else not run.is_main)
+
+    def measure_before(self, run: TrainSession, model, loss_module=None) -> None:
+        """Before training. Under FSDP called twice: before sharding (skipped) and with the sharded model's
+        ``loss_module`` from fit (with LoRA inside ``disable_adapter()``: the base)."""
+        if self._skip(run, loss_module):
             return
         cached = run.out / "forgetting_before.json"
         if run.resume and cached.is_file():  # measured before the run was interrupted
             self.before = json.loads(cached.read_text())["nll"]
             return
-        self.before = self._nll(run, model)
-        write_json(cached, {"nll": self.before})
+        self.before = self._nll(run, model, loss_module)
+        if run.is_main:
+            write_json(cached, {"nll": self.before})
         run.log(f"forgetting probe before: perplexity {math.exp(self.before):.3f} on {len(self.data.examples)} "
                 f"examples of {self.data.path.name}")
 
-    def measure_after(self, run: TrainSession, model) -> None:
-        if self.data is None or not run.is_main:
+    def measure_after(self, run: TrainSession, model, loss_module=None) -> None:
+        """After training; under FSDP on every process through the sharded model's ``loss_module``."""
+        if self._skip(run, loss_module if run.fsdp else None):
             return
-        self.after = self._nll(run, model)
+        self.after = self._nll(run, model, loss_module if run.fsdp else None)
         run.log(f"forgetting probe after: perplexity {math.exp(self.after):.3f} "
                 f"(before {math.exp(self.before):.3f})")
 

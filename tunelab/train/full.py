@@ -36,9 +36,10 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force:
     params = count_parameters(model)
     what = "continued pre-training" if cfg.method == "pretrain" else "full fine-tuning"
     r.log(f"{what}: {params['trainable']:,} trainable parameters")
-    result = fit(r, model)
-    artifact = save_model(r, model) if r.is_main else r.out / "model"
+    # under FSDP the probe measures the sharded model before the first step (every process; the weights as loaded)
+    result = fit(r, model, on_prepared=(lambda lm: probe.measure_before(r, model, lm)) if r.fsdp else None)
+    artifact = save_model(r, model)  # written by the main process (under FSDP gathered from every one)
     last = save_last(r, model, result, save_model, artifact)
-    probe.measure_after(r, model)
+    probe.measure_after(r, model, result.loss_module)
     del model
     return finish(r, result, params, probe, artifact=artifact, kind="model", last=last)

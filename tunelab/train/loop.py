@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
-                                      save_checkpoint)
+from tunelab.train.checkpoint import (gathered_optimizer_state, latest_checkpoint, load_checkpoint,
+                                      optimizer_from_files, rng_from_files, save_checkpoint)
 from tunelab.train.collate import collate
 from tunelab.train.ema import WeightEMA, load_weights
 from tunelab.train.loss import SupervisedLoss, batch_nll
@@ -32,6 +32,7 @@ from tunelab.train.progress import ProgressView
 from tunelab.train.rundir import config_hash, write_run_config
 from tunelab.train.schedule import Plan, lr_factor, make_plan, micro_batches
 from tunelab.train.session import TrainSession
+from tunelab.train.sharding import gathered, shard_like, sharded_share
 from tunelab.train.throughput import peak_rss_gb
 
 # Seconds to pause after each step (not counted in tok/s): lets the tests kill a run at a known point.
@@ -49,6 +50,8 @@ class FitResult:
     peak_rss_gb: float = 0.0  # at the end of training (before saving, probes and eval)
     # with train.ema_decay: the model holds the averaged weights after fit; these are the last ones (on the CPU)
     last_weights: dict[str, torch.Tensor] | None = None
+    # the prepared (DDP- or FSDP-wrapped) loss module: under FSDP every forward after training goes through it
+    loss_module: torch.nn.Module | None = None
 
     @property
     def tok_s(self) -> float:
@@ -56,8 +59,10 @@ class FitResult:
 
 
 def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None,
-        on_checkpoint: Callable[[int], None] | None = None) -> FitResult:
-    """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history."""
+        on_checkpoint: Callable[[int], None] | None = None,
+        on_prepared: Callable[[torch.nn.Module], None] | None = None) -> FitResult:
+    """Train ``model``'s trainable parameters on ``run.data``; checkpoints and resumes. Returns the history.
+    ``on_prepared(loss_module)`` runs once the model is prepared (sharded under FSDP), before the first step."""
     cfg, acc = run.cfg, run.accelerator
     t, o = cfg.train, cfg.optim
     named = trainable_named(model)
@@ -68,7 +73,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
+    # Under FSDP the average is made of the shards once the model is sharded (below)
+    ema = WeightEMA(named, t.ema_decay) if t.ema_decay and not run.fsdp else None
     state = _resume(run, plan, named, optimizer, metrics_path, ema) if (run.resume if resume is None else resume) \
         else {}
     if state and hasattr(optimizer, "sync_from_device"):  # optim.offload: its CPU copies of the resumed weights
@@ -87,7 +93,18 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     # optim.offload: its state stays in CPU memory (accelerate would round-trip it through the device)
     offloaded = hasattr(optimizer, "sync_from_device")
     loss_module, optimizer = acc.prepare(loss_module, optimizer, device_placement=[True, not offloaded])
+    if run.fsdp:
+        # fully_shard put DTensor parameters in place of the model's own: clip, average and checkpoint those
+        named = trainable_named(model)
+        ema = WeightEMA(named, t.ema_decay) if t.ema_decay else None
+        run.log(f"FSDP2: {len(named)} trainable tensors sharded over {run.world} processes "
+                f"({sharded_share(model):.0%} of this process's parameter elements held locally)")
+        if state.get("checkpoint") is not None:
+            _resume_sharded(run, state["checkpoint"], named, optimizer, ema)
     loss_module.train()
+    if on_prepared is not None:
+        on_prepared(loss_module)
+        loss_module.train()
     view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
     try:
         for step in range(start_step, plan.total_steps):
@@ -139,7 +156,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
         view.close()
     acc.wait_for_everyone()
     last = ema.swap_in() if ema is not None else None
-    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last)
+    return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last,
+                     loss_module)
 
 
 def _accumulate(run: TrainSession, loss_module: torch.nn.Module, idx: list[int], step_targets: int,
@@ -181,6 +199,9 @@ def _save_checkpoint(run: TrainSession, plan: Plan, step: int, named: dict[str, 
     weights = {n: p.detach() for n, p in named.items()}
     if ema is not None:
         weights.update(ema.tensors())
+    if run.fsdp:  # full tensors, gathered to the main process (every process takes part, one tensor at a time)
+        weights = gathered(weights, main=run.is_main)
+        optimizer = gathered_optimizer_state(optimizer, main=run.is_main)
     save_checkpoint(run.out, step, weights=weights, optimizer=optimizer,
                     state={**counters, "ema_updates": ema.updates if ema is not None else None,
                            "epoch": step // max(1, plan.steps_per_epoch),
@@ -210,7 +231,24 @@ def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter],
     if missing:
         raise ConfigError(f"the checkpoint does not match this model ({len(missing)} trainable tensors missing, "
                           f"e.g. {sorted(missing)[0]})", where=str(ck))
-    load_weights(named, loaded["weights"])
+    load_weights(named, loaded["weights"])  # under FSDP: before sharding, which hands rank 0's weights on
+    if not run.fsdp:  # under FSDP the optimizer state and the average are loaded into the shards (_resume_sharded)
+        _load_optimizer_and_average(run, ck, loaded, optimizer, ema)
+    if loaded["rng"] is not None:
+        rng_from_files(*loaded["rng"])
+    history = []
+    if metrics_path.is_file():
+        history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        history = [h for h in history if h["step"] <= st["step"]]
+    run.log(f"resumed from {ck.name}: step {st['step']}/{plan.total_steps}")
+    return {"step": st["step"], "tokens": st["tokens"], "targets": st["target_tokens"],
+            "elapsed": st["train_seconds"], "history": history,
+            "checkpoint": (ck, loaded) if run.fsdp else None}
+
+
+def _load_optimizer_and_average(run: TrainSession, ck: Path, loaded: dict, optimizer, ema: WeightEMA | None) -> None:
+    """The checkpoint's optimizer state and weight average into this run's optimizer and ``ema``."""
+    st = loaded["state"]
     if ema is not None and not ema.load(loaded["weights"], st.get("ema_updates", 0)):
         run.log(f"train.ema_decay: {ck.name} has no weight average; averaging from its weights on")
     # The config's per-group hyper-parameters win over the checkpoint's, as optim.lr does (the schedule is
@@ -223,12 +261,18 @@ def _resume(run: TrainSession, plan: Plan, named: dict[str, torch.nn.Parameter],
                           "with the same optim.param_groups matches", where=str(ck)) from None
     for g, want in zip(optimizer.param_groups, config_groups):
         g.update(want)
-    if loaded["rng"] is not None:
-        rng_from_files(*loaded["rng"])
-    history = []
-    if metrics_path.is_file():
-        history = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-        history = [h for h in history if h["step"] <= st["step"]]
-    run.log(f"resumed from {ck.name}: step {st['step']}/{plan.total_steps}")
-    return {"step": st["step"], "tokens": st["tokens"], "targets": st["target_tokens"],
-            "elapsed": st["train_seconds"], "history": history}
+
+
+def _resume_sharded(run: TrainSession, checkpoint: tuple[Path, dict], named: dict[str, torch.nn.Parameter],
+                    optimizer, ema: WeightEMA | None) -> None:
+    """FSDP: the checkpoint's full optimizer tensors cut into this process's shards of the parameters they belong
+    to (every process read the same files), then loaded as in a plain run; the average likewise (ema.load)."""
+    ck, loaded = checkpoint
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors, meta = loaded["optimizer"]
+    sharded = {}
+    for key, v in tensors.items():
+        pid = int(key.split(".", 1)[0])
+        p = params[pid] if pid < len(params) else None
+        sharded[key] = shard_like(v, p) if p is not None and tuple(v.shape) == tuple(p.shape) else v
+    _load_optimizer_and_average(run, ck, {**loaded, "optimizer": (sharded, meta)}, optimizer, ema)

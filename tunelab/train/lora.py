@@ -66,6 +66,14 @@ def load_init_adapter(model: torch.nn.Module, settings: LoraSettings,
         raise adapter_load_error(path, e) from None
 
 
+def _probe_base(r: TrainSession, model, probe: ForgettingProbe, loss_module) -> None:
+    """FSDP: the forgetting probe's before on the sharded model (every process), the adapter switched off: the
+    base alone, as measured before the adapter was attached in a run without FSDP."""
+    if probe.data is not None:
+        with model.disable_adapter():
+            probe.measure_before(r, model, loss_module)
+
+
 def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False, log=print,
         console=None) -> TrainReport | TrainDryRun | None:
     """Train (or, with ``dry_run``, only plan); the report, None on processes other than the main one."""
@@ -88,9 +96,9 @@ def run(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force:
         r.log(f"LoRA initialised from {cfg.lora.init_adapter}")
     r.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {cfg.lora.target_modules}: "
           f"{params['trainable']:,} trainable of {params['total']:,} ({params['trainable_share']:.2%})")
-    result = fit(r, model)
-    artifact = save_adapter(r, model) if r.is_main else r.out / "adapter"
+    result = fit(r, model, on_prepared=(lambda lm: _probe_base(r, model, probe, lm)) if r.fsdp else None)
+    artifact = save_adapter(r, model)  # written by the main process (under FSDP gathered from every one)
     last = save_last(r, model, result, save_adapter, artifact)
-    probe.measure_after(r, model)
+    probe.measure_after(r, model, result.loss_module)
     del model
     return finish(r, result, params, probe, artifact=artifact, kind="adapter", last=last)

@@ -31,6 +31,16 @@ class SupervisedLoss(torch.nn.Module):
         self.head_chunk = head_chunk
         self.config = model.config
 
+    @property
+    def _no_split_modules(self):
+        """The model's decoder-layer classes: FSDP's TRANSFORMER_BASED_WRAP makes each such layer a unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    def tie_weights(self, *args, **kwargs):
+        """Tie the model's embeddings again (accelerate calls it after loading weights into a sharded model)."""
+        if hasattr(self.model, "tie_weights"):
+            return self.model.tie_weights(*args, **kwargs)
+
     def forward(self, input_ids, position_ids, attention_mask, pred_rows, pred_cols, targets,
                 segments: list[int] | None = None) -> torch.Tensor:
         body = self.model.get_decoder()
@@ -72,11 +82,13 @@ def batch_loss(loss_module: torch.nn.Module, batch: Batch) -> torch.Tensor:
 @torch.no_grad()
 def mean_nll(model: torch.nn.Module, examples: list[Example], *, device: torch.device,
              autocast: torch.dtype | None, pad_id: int = 0, batch_size: int = 8, pack_len: int = 1024,
-             varlen: bool = False) -> float:
-    """Mean negative log-likelihood per target token (exp() of it is the perplexity)."""
-    was_training = model.training
-    model.eval()
-    loss_module = SupervisedLoss(model)
+             varlen: bool = False, loss_module: torch.nn.Module | None = None) -> float:
+    """Mean negative log-likelihood per target token (exp() of it is the perplexity). ``loss_module``: the
+    prepared SupervisedLoss of ``model`` to run through (under FSDP every process must, with the same batches)."""
+    if loss_module is None:
+        loss_module = SupervisedLoss(model)
+    was_training = loss_module.training
+    loss_module.eval()
     total, count = 0.0, 0
     for s in range(0, len(examples), batch_size):
         batch = collate(examples[s:s + batch_size], packing=True, pack_len=pack_len, pad_id=pad_id,
@@ -84,5 +96,5 @@ def mean_nll(model: torch.nn.Module, examples: list[Example], *, device: torch.d
         with autocast_ctx(device, autocast):
             total += float(batch_loss(loss_module, batch))
         count += batch.n_targets
-    model.train(was_training)
+    loss_module.train(was_training)
     return total / max(1, count)

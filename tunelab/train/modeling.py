@@ -15,6 +15,7 @@ from tunelab.train.attention import resolve_attention, use_varlen_attention
 from tunelab.train.precision import cast_norm_outputs
 from tunelab.train.quantize import load_quantized, logical_numel
 from tunelab.train.session import TrainSession
+from tunelab.train.sharding import cpu_ram_efficient_loading
 
 
 def load_base_model(run: TrainSession) -> torch.nn.Module:
@@ -47,7 +48,13 @@ def load_base_model(run: TrainSession) -> torch.nn.Module:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model if quantize != "none" else model.to(run.device)  # a quantised model is placed as it loads
+    if quantize != "none":  # a quantised model is placed as it loads
+        return model
+    if run.fsdp and cpu_ram_efficient_loading():
+        # local rank 0 holds the weights on the CPU, the others an empty (meta) model: accelerate hands rank 0's
+        # weights on, shard by shard, as it shards the model onto the devices in fit
+        return model
+    return model.to(run.device)
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, Any]:

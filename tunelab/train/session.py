@@ -18,6 +18,7 @@ from tunelab.train.config import TrainConfig
 from tunelab.train.data import TrainData
 from tunelab.train.memory import preflight
 from tunelab.train.precision import autocast_ctx, pick_autocast
+from tunelab.train.sharding import check_fsdp, enable_fsdp
 from tunelab.train.tokenizer import load_tokenizer
 
 
@@ -40,6 +41,7 @@ class TrainSession:
     resolved: dict[str, Any] | None = None  # the config the weights depend on (rundir.resolved_config)
     varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
     memory: Any = None  # the MemoryEstimate made before loading (tunelab.train.memory), None when none could be
+    fsdp: bool = False  # the model is sharded with FSDP2 when fit prepares it (tunelab.train.sharding)
 
     @property
     def rank(self) -> int:
@@ -71,7 +73,9 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
     want_cpu = cfg.train.device == "cpu" or not torch.cuda.is_available()
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is 'cuda' but no CUDA device is available", where="train.device")
+    check_fsdp(cfg)  # a setting an FSDP config asks for that tunelab cannot honour: one error line
     accelerator = Accelerator(cpu=want_cpu, mixed_precision="no")
+    fsdp = enable_fsdp(accelerator)
     device = accelerator.device
     seed_everything(cfg.train.seed)
     model_path = resolve_local_path(cfg.model)
@@ -86,7 +90,7 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
     resolved = check_out_dir(cfg, out, resume=resume, force=force, dry_run=dry_run)
     run = TrainSession(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
                        log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume,
-                       resolved=resolved)
+                       resolved=resolved, fsdp=fsdp)
     check_batching(run)
     run.memory = preflight(run)  # before any weight is loaded; over train.max_memory_gb: refused
     if force and not dry_run:
