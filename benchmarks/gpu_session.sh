@@ -47,7 +47,7 @@ ARGS=(--workdir /tmp/train-gpu --out "$OUT")
 [ -d .bench-carry/tokenizer ] && ARGS+=(--tokenizer .bench-carry/tokenizer)
 [ -f .bench-carry/unlabeled.jsonl ] && ARGS+=(--data-file .bench-carry/unlabeled.jsonl)
 # case:seconds it may take at most (model written once, two trainers, 20 steps each)
-for spec in 135m-lora:75 1b-lora:100 8b-lora:200 1b-full:100 135m-full:60; do
+for spec in 135m-lora:75 1b-lora:100 8b-lora:230 1b-full:90 135m-full:50; do
   case=${spec%%:*}; want=${spec##*:}
   left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$left" -lt 45 ]; then echo "== $case: not started, ${left}s left" | tee -a "$OUT/log.txt"; continue; fi
