@@ -49,6 +49,8 @@ NOT_CONFIG_FIELDS = {
             "force": "a run option", "only": "a run option", "limit": "a smoke run over every stage"},
     "compare": {"run_a": "a run folder", "run_b": "a run folder"},
     "vocab extend": {"data": "a path", "out": "a path"},
+    "vocab align": {"model": "a path (an extended model)", "data": "a path", "out": "a path",
+                    "threads": "torch, not AlignConfig"},
 }
 
 

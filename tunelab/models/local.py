@@ -15,21 +15,12 @@ from tunelab.errors import ModelError
 from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
-from tunelab.models.scoring import PrefixScorer, autocast_context
+from tunelab.models.scoring import PrefixScorer, autocast_context, cpu_has_fast_bf16  # noqa: F401
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def warn_line(msg: str) -> None:

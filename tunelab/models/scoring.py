@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -47,6 +48,27 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
         if n == 0:
             break
     return n
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU has native bf16 matmul (AVX512-BF16 or AMX), where bf16 autocast is ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype a setting ``auto | bfloat16 | float32`` means on ``device``: auto is bf16 on CUDA where
+    supported and on CPUs with native bf16, else None (fp32)."""
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def autocast_context(device_type: str, dtype: torch.dtype | None):

@@ -7,19 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from tunelab.models.scoring import pick_autocast  # noqa: F401  (the run's autocast dtype; models/ holds it)
 from tunelab.train.config import LoraSettings
-
-
-def pick_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
-    from tunelab.models.local import cpu_has_fast_bf16
-
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
 def autocast_ctx(device: torch.device, dtype: torch.dtype | None):

@@ -22,6 +22,7 @@ The result is an ordinary HF model directory plus ``tunelab_vocab.json`` (result
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -194,6 +195,23 @@ def check_out(out: Path) -> None:
         raise DataError(f"--out {out} exists and is not empty; give a new directory")
 
 
+@contextlib.contextmanager
+def new_directory(out: Path):
+    """A temporary directory beside ``out`` to write into, renamed to ``out`` when the block ends without an error
+    (``out`` still new or empty), removed otherwise: a model directory is there whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        check_out(out)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def extend_vocab(data_path: Path, out: Path, cfg: VocabConfig, *, log: Callable[[str], None] = lambda m: None,
                  progress: Progress | None = None) -> VocabReport:
     """Write the base ``cfg.model`` with ``cfg.add`` new tokens learnt from ``data_path`` to ``out`` (a new
@@ -278,9 +296,7 @@ def extend_vocab(data_path: Path, out: Path, cfg: VocabConfig, *, log: Callable[
         texts=len(texts), chars=sum(map(len, texts)), tokens_per_text_before=round(before / len(texts), 3),
         tokens_per_text_after=round(after / len(texts), 3), tied_embeddings=tied,
         seconds=0.0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_directory(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         (tmp / "tokenizer.json").write_text(json.dumps(new_json, ensure_ascii=False), encoding="utf-8")
@@ -289,11 +305,4 @@ def extend_vocab(data_path: Path, out: Path, cfg: VocabConfig, *, log: Callable[
             raise ModelError(f"the saved tokenizer has {len(check)} tokens, not {first_id + len(merges)}")
         report.seconds = round(time.monotonic() - start, 1)
         report.write(tmp / VOCAB_FILE)
-        check_out(out)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
