@@ -142,10 +142,16 @@ def test_compiled_layers_give_the_eager_loss_curve(tmp_path, tiny_model_dir, mon
 
     monkeypatch.setattr(compile_mod, "ROW_MULTIPLE", 512)
     data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(24))
+    from torch._dynamo.utils import counters
+
     for method, attention, ac in (("lora", "varlen", True), ("full", "mask", False)):
         kw = dict(method=method, attention=attention, activation_checkpointing=ac)
         eager = _curve(tmp_path, tiny_model_dir, data, f"{method}-eager", **kw)
+        graphs = counters["stats"]["unique_graphs"]
         compiled = _curve(tmp_path, tiny_model_dir, data, f"{method}-compiled", compile=True, **kw)
+        made = counters["stats"]["unique_graphs"] - graphs
+        print(method, attention, "graphs", made, "eager", eager, "compiled", compiled)
+        assert 0 < made <= 12, made           # compiled, once: the layers share their graphs, one row shape
         assert compiled == pytest.approx(eager, rel=1e-4), (method, compiled, eager)
 
 

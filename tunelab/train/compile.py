@@ -13,6 +13,7 @@ CUDA): ``compile: true`` is then refused with one line, ``auto`` (on CUDA only) 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -73,7 +74,11 @@ def row_buckets(max_row_tokens: int) -> int:
 
 def compile_layers(model: torch.nn.Module, max_row_tokens: int) -> Callable[[], None]:
     """Compile each decoder layer in place (lazily: the first forward compiles); returns the undo, which puts
-    the plain layers back (the probes and evals after training run eagerly, on rows of any length)."""
+    the plain layers back (the probes and evals after training run eagerly, on rows of any length).
+
+    With activation checkpointing the layer's own forward is compiled and checkpointed from outside, as torchtune
+    does: torch.utils.checkpoint runs its function with dynamo disabled, so a compiled layer that checkpoints inside
+    (transformers' way) would compile nothing whenever the graph breaks inside it (varlen's attention)."""
     import torch._dynamo.config as dynamo
 
     layers = decoder_layers(model)
@@ -83,10 +88,25 @@ def compile_layers(model: torch.nn.Module, max_row_tokens: int) -> Callable[[], 
     dynamo.recompile_limit = max(dynamo.recompile_limit, want)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * want)
     for layer in layers:
-        layer.compile(dynamic=False)
+        if getattr(layer, "gradient_checkpointing", False):
+            forward = type(layer).forward
+            forward = getattr(forward, "__wrapped__", forward)  # transformers' checkpointing wrapper's inner forward
+            layer.forward = functools.partial(_checkpointed, torch.compile(forward.__get__(layer), dynamic=False))
+        else:
+            layer.compile(dynamic=False)
 
     def undo() -> None:
         for layer in layers:
             layer._compiled_call_impl = None
+            layer.__dict__.pop("forward", None)
 
     return undo
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    """``forward`` under non-reentrant activation checkpointing where gradients are taken (a recompute in backward)."""
+    if torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
