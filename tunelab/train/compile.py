@@ -72,6 +72,17 @@ def row_buckets(max_row_tokens: int) -> int:
     return max(1, math.ceil(max_row_tokens / ROW_MULTIPLE))
 
 
+def allow_recompiles(max_row_tokens: int) -> None:
+    """Raise dynamo's recompile limit to what a run's row buckets need (else it falls back to eager after 8): one
+    cache entry per bucket and grad mode (the layers share them), plus room for the graphs after varlen's graph
+    break. Also for flex compiled on its own (``compile: false``)."""
+    import torch._dynamo.config as dynamo
+
+    want = 2 * row_buckets(max_row_tokens) + 8
+    dynamo.recompile_limit = max(dynamo.recompile_limit, want)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * want)
+
+
 def compile_layers(model: torch.nn.Module, max_row_tokens: int) -> Callable[[], None]:
     """Compile each decoder layer in place (lazily: the first forward compiles); returns the undo, which puts
     the plain layers back (the probes and evals after training run eagerly, on rows of any length).
@@ -79,14 +90,8 @@ def compile_layers(model: torch.nn.Module, max_row_tokens: int) -> Callable[[], 
     With activation checkpointing the layer's own forward is compiled and checkpointed from outside, as torchtune
     does: torch.utils.checkpoint runs its function with dynamo disabled, so a compiled layer that checkpoints inside
     (transformers' way) would compile nothing whenever the graph breaks inside it (varlen's attention)."""
-    import torch._dynamo.config as dynamo
-
     layers = decoder_layers(model)
-    # One cache entry per row bucket and grad mode (the layers share them), plus room for the graphs that follow
-    # varlen's graph break.
-    want = 2 * row_buckets(max_row_tokens) + 8
-    dynamo.recompile_limit = max(dynamo.recompile_limit, want)
-    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * want)
+    allow_recompiles(max_row_tokens)
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False):
             forward = type(layer).forward

@@ -25,7 +25,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.train.checkpoint import (latest_checkpoint, load_checkpoint, optimizer_from_files, rng_from_files,
                                       save_checkpoint)
 from tunelab.train.collate import collate
-from tunelab.train.compile import compile_layers
+from tunelab.train.compile import allow_recompiles, compile_layers
 from tunelab.train.ema import WeightEMA, load_weights
 from tunelab.train.loss import SupervisedLoss, batch_nll
 from tunelab.train.modeling import trainable_named
@@ -92,6 +92,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
     loss_module.train()
     view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
     uncompile = compile_layers(model, _longest_row(run)) if run.compile else None
+    if run.pad_to and not run.compile:  # flex compiled on its own: one kernel per row bucket
+        allow_recompiles(_longest_row(run))
     try:
         for step in range(start_step, plan.total_steps):
             t0 = time.perf_counter()
