@@ -139,10 +139,14 @@ def test_packed_padded_and_checkpointed_runs_give_the_same_loss_curve(tmp_path, 
     assert len(curves[0]) == 3
 
 
-def test_attention_auto_is_varlen_on_a_cpu_and_mask_on_cuda():
+def test_attention_auto_is_varlen_on_a_cpu_and_flex_or_mask_on_cuda(monkeypatch):
+    from tunelab.train import attention
     from tunelab.train.attention import resolve_attention
 
     assert resolve_attention("auto", torch.device("cpu")) == "varlen"
-    assert resolve_attention("auto", torch.device("cuda")) == "mask"   # launch-bound there: one kernel per layer
+    monkeypatch.setattr(attention, "flex_available", lambda: None)
+    assert resolve_attention("auto", torch.device("cuda")) == "flex"   # launch-bound there: one fused kernel
+    monkeypatch.setattr(attention, "flex_available", lambda: "no triton")
+    assert resolve_attention("auto", torch.device("cuda")) == "mask"
     assert resolve_attention("varlen", torch.device("cuda")) == "varlen"
     assert resolve_attention("mask", torch.device("cpu")) == "mask"

@@ -62,7 +62,8 @@ def test_new_fields_at_their_defaults_keep_an_older_runs_config_hash():
     from tunelab.train.rundir import resolved_config
 
     r = resolved_config(config())
-    assert not any(k in r for k in ("optim.optimizer", "optim.fused", "optim.offload", "train.max_memory_gb"))
+    assert not any(k in r for k in ("optim.optimizer", "optim.fused", "optim.offload", "train.max_memory_gb",
+                                    "train.compile"))
     assert resolved_config(config(optim={"optimizer": "adamw8bit"}))["optim.optimizer"] == "adamw8bit"
     assert "train.max_memory_gb" not in resolved_config(config(train={"max_memory_gb": 3}))  # a free field
 

@@ -107,7 +107,8 @@ def train_dict(r: ResolvedExperiment, plan: MethodPlan, limit: int | None = None
     if limit is not None:  # a smoke run: the batch must fit the few examples
         bs = min(int(t.get("batch_size", 16)), limit)
         t["batch_size"] = bs
-        t["micro_batch_size"] = _largest_divisor_at_most(bs, int(t.get("micro_batch_size", 8)))
+        if t.get("micro_batch_size", 8) not in ("auto", None):  # auto: a token budget, any batch size fits
+            t["micro_batch_size"] = _largest_divisor_at_most(bs, int(t.get("micro_batch_size", 8)))
     data["train"] = t
     data["out"] = "<set by the train stage>"
     return data

@@ -11,6 +11,9 @@ what the same sequences would compute one by one (tested). Two ways to stop it:
 - ``mask``: rows of at most ``pack_len`` tokens with a block-diagonal causal bool mask ``(B, 1, T, T)``, which
   transformers uses as given; works with any attention implementation.
 
+``pad_to`` (``train.compile``, ``train.attention: flex``) rounds a row's length up to a multiple of that many
+tokens, so that a compiled layer meets few shapes; the padding is no target, and no real token attends to it.
+
 Only the positions that predict a target token are listed (``pred_rows``, ``pred_cols``): the loss applies
 the output projection there only. With ``prompt_targets`` every other token of an example (system prompt,
 user turn: everything that is not the answer) is listed as well, after all the answer targets
@@ -73,17 +76,18 @@ def plan_rows(lengths: list[int], pack_len: int) -> list[list[int]]:
 
 
 def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 1024, pad_id: int = 0,
-            varlen: bool = False, prompt_targets: bool = False) -> Batch:
+            varlen: bool = False, prompt_targets: bool = False, pad_to: int | None = None) -> Batch:
     """Build a batch: one varlen row (``packing`` and ``varlen``), packed rows with a block-diagonal mask
-    (``packing``), or one right-padded row per example. ``prompt_targets``: also list the non-answer tokens."""
+    (``packing``), or one right-padded row per example. ``prompt_targets``: also list the non-answer tokens;
+    ``pad_to``: row lengths rounded up to a multiple of it."""
     if not examples:
         raise ValueError("empty batch")
     lengths = [len(e) for e in examples]
     if packing and varlen:
-        return _varlen(examples, lengths, prompt_targets)
+        return _varlen(examples, lengths, prompt_targets, pad_to, pad_id)
     rows = plan_rows(lengths, pack_len) if packing else [[i] for i in range(len(examples))]
     B = len(rows)
-    T = max(sum(lengths[i] for i in r) for r in rows)
+    T = _round_up(max(sum(lengths[i] for i in r) for r in rows), pad_to)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     pos = torch.zeros((B, T), dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)  # sequence id per token; -1 = padding
@@ -108,7 +112,12 @@ def collate(examples: list[Example], *, packing: bool = True, pack_len: int = 10
     return _batch(ids, pos, mask[:, None], answer, prompt, sum(lengths), len(examples))
 
 
-def _varlen(examples: list[Example], lengths: list[int], prompt_targets: bool) -> Batch:
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else -(-n // multiple) * multiple
+
+
+def _varlen(examples: list[Example], lengths: list[int], prompt_targets: bool, pad_to: int | None = None,
+            pad_id: int = 0) -> Batch:
     ids, pos, segments = [], [], [0]
     answer, prompt = _Targets(), _Targets() if prompt_targets else None
     col = 0
@@ -118,6 +127,9 @@ def _varlen(examples: list[Example], lengths: list[int], prompt_targets: bool) -
         _collect(ex, 0, col, answer, prompt)
         col += n
         segments.append(col)
+    tail = _round_up(col, pad_to) - col  # after segments[-1]: varlen gives it zeros, flex a document of its own
+    ids += [pad_id] * tail
+    pos += range(tail)
     return _batch(torch.tensor([ids]), torch.tensor([pos]), None, answer, prompt, col, len(examples), segments)
 
 

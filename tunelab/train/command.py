@@ -52,8 +52,9 @@ def train_cmd(
     lr: float = field_option(TrainConfig, "optim.lr", "--lr", help="Peak learning rate."),
     batch_size: int = field_option(TrainConfig, "train.batch_size", "--batch-size",
                                    help="Examples per optimizer step."),
-    micro_batch_size: int = field_option(TrainConfig, "train.micro_batch_size", "--micro-batch-size",
-                                         help="Examples per forward."),
+    micro_batch_size: str = field_option(TrainConfig, "train.micro_batch_size", "--micro-batch-size",
+                                         help="Examples per forward, or auto: as many as fit in "
+                                              "train.micro_batch_tokens."),
     max_seq_len: int = field_option(TrainConfig, "data.max_seq_len", "--max-seq-len"),
     packing: bool = field_option(TrainConfig, "train.packing", "--packing/--no-packing",
                                  help="Padding-free packed rows."),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -169,19 +169,28 @@ class LoopConfig(StrictModel):
     epochs: float = Field(1.0, gt=0, description="may be fractional, e.g. 0.5")
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
     batch_size: int = Field(16, ge=1, description="examples per optimizer step, over all processes")
-    micro_batch_size: int = Field(8, ge=1, description="examples per forward pass (grad accumulation = "
-                                                       "batch_size / (micro_batch_size x processes))")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        8, description="examples per forward pass (grad accumulation = batch_size / (micro_batch_size x "
+                       "processes)); auto (or null): as many as fit in micro_batch_tokens, each step's examples "
+                       "packed into the fewest micro-batches of at most that many tokens (the token budget is "
+                       "the knob; the loss is still the mean over the step's target tokens)")
     micro_batch_tokens: int | None = Field(
         2048, ge=8, description="also cap a micro-batch at this many tokens (bounds activation memory on long "
-                                "examples; an example longer than this is a micro-batch of its own); null: no cap")
+                                "examples; an example longer than this is a micro-batch of its own); null: no cap. "
+                                "With micro_batch_size auto: the budget each micro-batch is filled to")
     packing: bool = Field(True, description="padding-free rows: sequences concatenated with per-sequence "
                                             "positions and a block-diagonal causal mask")
     pack_len: int = Field(1024, ge=8, description="attention 'mask': longest packed row in tokens")
-    attention: Literal["auto", "varlen", "mask"] = Field(
+    attention: Literal["auto", "varlen", "mask", "flex"] = Field(
         "auto", description="packed rows: varlen = one row, causal attention per sequence (sum of L^2 work; "
                             "fastest on a CPU); mask = rows of pack_len with a block-diagonal 4D mask, one "
-                            "attention kernel per layer (any attention implementation); auto: varlen on a CPU, "
-                            "mask on CUDA, where a step is bound by kernel launches")
+                            "attention kernel per layer (any attention implementation); flex = one row, torch's "
+                            "flex attention with a document block mask (one fused kernel per layer that skips the "
+                            "blocks across sequences; CUDA only: it has no backward on a CPU); auto: varlen on a "
+                            "CPU; on CUDA, where a step is bound by kernel launches, flex (mask without triton)")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile each decoder layer (packed rows padded to a multiple of 128 tokens so "
+                            "that few shapes compile); auto: on CUDA only (on a CPU it measured slower)")
     seed: int = 0
     dtype: Literal["auto", "bfloat16", "float32"] = Field("auto", description="autocast dtype; auto: bf16 on CPUs "
                                                                               "with native bf16 and on CUDA")
@@ -203,6 +212,18 @@ class LoopConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     log_every: int = Field(1, ge=1)
+
+    @field_validator("micro_batch_size", mode="before")
+    @classmethod
+    def _auto_micro(cls, v: Any) -> Any:
+        return "auto" if v is None else v
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> "LoopConfig":
+        if self.micro_batch_size == "auto" and self.micro_batch_tokens is None:
+            raise ValueError("micro_batch_size auto fills each micro-batch up to micro_batch_tokens: set "
+                             "micro_batch_tokens (e.g. 2048), or give micro_batch_size a number")
+        return self
 
 
 class TrainableConfig(StrictModel):
@@ -275,7 +296,7 @@ class TrainConfig(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         t = self.train
-        if t.batch_size % t.micro_batch_size:
+        if t.micro_batch_size != "auto" and t.batch_size % t.micro_batch_size:
             raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
                              f"({t.micro_batch_size})")
         if self.eval is not None and self.eval.data and not self.data.prompt:

@@ -55,7 +55,8 @@ def finish(run: TrainSession, result: FitResult, params: dict[str, Any], probe: 
     mcfg = AutoConfig.from_pretrained(str(run.model_path))
     t = run.cfg.train
     mean_len = min(max(stats["length_mean"], 1), t.pack_len) if not t.packing else \
-        min(t.pack_len, stats["length_mean"] * t.micro_batch_size)
+        min(t.pack_len, stats["length_mean"] * t.micro_batch_size if t.micro_batch_size != "auto"
+            else t.micro_batch_tokens)
     share = 1.0 if t.prompt_loss_weight else stats["target_share"]
     fpt = flops_per_token(mcfg, run.cfg.method, mean_len, share, t.activation_checkpointing)
     peak = measured_matmul_flops(run.device, run.autocast)

@@ -2,7 +2,8 @@
 writes metrics.jsonl and checkpoints, resumes from the latest one (``_resume``) and returns a ``FitResult``.
 
 One optimizer step takes ``batch_size`` examples (over all processes) in a fixed, seeded order, split into
-micro-batches of ``micro_batch_size``; gradients accumulate over them. The loss is the mean over the step's
+micro-batches of ``micro_batch_size`` (or filled up to ``micro_batch_tokens``); gradients accumulate over them.
+With ``train.compile`` the decoder layers are compiled for the steps (``tunelab.train.compile``) and put back after. The loss is the mean over the step's
 target tokens, whatever the packing, micro-batching or number of processes (each micro-batch's summed loss
 is divided by the step's total target count), so a packed and a padded run give the same losses.
 """
@@ -24,6 +25,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.train.checkpoint import (gathered_optimizer_state, latest_checkpoint, load_checkpoint,
                                       optimizer_from_files, rng_from_files, save_checkpoint)
 from tunelab.train.collate import collate
+from tunelab.train.compile import allow_recompiles, compile_layers
 from tunelab.train.ema import WeightEMA, load_weights
 from tunelab.train.loss import SupervisedLoss, batch_nll
 from tunelab.train.modeling import trainable_named
@@ -106,6 +108,9 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
         on_prepared(loss_module)
         loss_module.train()
     view = ProgressView(plan.total_steps, start_step, run.console, run.is_main, run.log, t.log_every)
+    uncompile = compile_layers(model, _longest_row(run)) if run.compile else None
+    if run.pad_to and not run.compile:  # flex compiled on its own: one kernel per row bucket
+        allow_recompiles(_longest_row(run))
     try:
         for step in range(start_step, plan.total_steps):
             t0 = time.perf_counter()
@@ -154,6 +159,8 @@ def fit(run: TrainSession, model: torch.nn.Module, *, resume: bool | None = None
                     on_checkpoint(step + 1)
     finally:
         view.close()
+        if uncompile is not None:  # the probes and evals after training run the plain layers
+            uncompile()
     acc.wait_for_everyone()
     last = ema.swap_in() if ema is not None else None
     return FitResult(plan.total_steps, history, tokens, targets_seen, elapsed, resumed_from, peak_rss_gb(), last,
@@ -174,7 +181,7 @@ def _accumulate(run: TrainSession, loss_module: torch.nn.Module, idx: list[int],
     step_tokens = 0
     for k, mb in enumerate(micros):
         batch = collate(mb, packing=t.packing, pack_len=t.pack_len, pad_id=pad_id,
-                        varlen=run.varlen, prompt_targets=pw > 0).to(run.device)
+                        varlen=run.varlen, prompt_targets=pw > 0, pad_to=run.pad_to).to(run.device)
         sync = k == len(micros) - 1
         with (contextlib.nullcontext() if sync else acc.no_sync(loss_module)):
             with run.autocast_ctx():
@@ -190,6 +197,17 @@ def _accumulate(run: TrainSession, loss_module: torch.nn.Module, idx: list[int],
         prompt_sum += p.detach()
         step_tokens += batch.n_tokens
     return loss_sum, prompt_sum, step_tokens
+
+
+def _longest_row(run: TrainSession) -> int:
+    """An upper bound of the tokens in one row of a micro-batch (how many row buckets compiled layers can meet)."""
+    from tunelab.train.memory import micro_batch_tokens
+
+    t = run.cfg.train
+    longest = max(len(e) for e in run.data.examples)
+    if not t.packing:
+        return longest
+    return micro_batch_tokens(run.cfg, longest) if run.varlen else max(t.pack_len, longest)
 
 
 def _save_checkpoint(run: TrainSession, plan: Plan, step: int, named: dict[str, torch.nn.Parameter], optimizer,

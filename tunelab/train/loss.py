@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tunelab.models.masks import softcap_logits
-from tunelab.train.attention import packed_mask
+from tunelab.models.masks import sliding_window, softcap_logits
+from tunelab.train.attention import FLEX, FlexMasks, Segments, packed_mask
 from tunelab.train.collate import Batch, collate
 from tunelab.train.data import Example
 from tunelab.train.precision import autocast_ctx
@@ -45,7 +45,13 @@ class SupervisedLoss(torch.nn.Module):
                 segments: list[int] | None = None) -> torch.Tensor:
         body = self.model.get_decoder()
         head = self.model.get_output_embeddings()
-        extra = {"tunelab_segments": segments} if segments is not None else {}
+        extra = {}
+        if segments is not None:  # one packed row: its sequences, as the model's attention function takes them
+            if getattr(self.config, "_attn_implementation", None) == FLEX:
+                extra["tunelab_flex"] = FlexMasks.from_segments(segments, input_ids.shape[1],
+                                                                [sliding_window(self.config)], input_ids.device)
+            else:
+                extra["tunelab_segments"] = Segments(segments)
         if attention_mask is not None:
             attention_mask = packed_mask(self.model, attention_mask)
         h = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,

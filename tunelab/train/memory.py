@@ -101,8 +101,11 @@ def model_shape(path: str | Path) -> ModelShape:
 
 def micro_batch_tokens(cfg: TrainConfig, longest: int) -> int:
     """Tokens of the largest micro-batch: ``micro_batch_size`` examples of the longest length, capped by
-    ``micro_batch_tokens`` (an example longer than the cap is a micro-batch of its own)."""
+    ``micro_batch_tokens`` (an example longer than the cap is a micro-batch of its own); with ``micro_batch_size``
+    auto the budget itself."""
     t = cfg.train
+    if t.micro_batch_size == "auto":
+        return max(t.micro_batch_tokens, longest)
     n = t.micro_batch_size * max(1, longest)
     return min(n, max(t.micro_batch_tokens, longest)) if t.micro_batch_tokens else n
 
@@ -241,7 +244,7 @@ def suggestions(cfg: TrainConfig, shape: ModelShape, est: MemoryEstimate, **kw: 
         for p in dotted.split("."):
             cur = getattr(cur, p)
         if value == "half":
-            if cur is None or cur <= 1:
+            if not isinstance(cur, int) or cur <= 1:
                 continue
             value = max(8, cur // 2) if dotted == "train.micro_batch_tokens" else max(1, cur // 2)
             if dotted == "train.micro_batch_size" and cfg.train.batch_size % value:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from tunelab.errors import ModelError
-from tunelab.train.attention import resolve_attention, use_varlen_attention
+from tunelab.errors import ConfigError, ModelError
+from tunelab.train.attention import use_flex_attention, use_varlen_attention
 from tunelab.train.precision import cast_norm_outputs
 from tunelab.train.quantize import load_quantized, logical_numel
 from tunelab.train.session import TrainSession
@@ -38,10 +38,16 @@ def load_base_model(run: TrainSession) -> torch.nn.Module:
     model.config.use_cache = False
     t = run.cfg.train
     run.varlen = False
-    if t.packing and resolve_attention(t.attention, run.device) == "varlen":
+    if t.packing and run.attention == "varlen":
         run.varlen = use_varlen_attention(model)
         if not run.varlen:
+            run.attention = "mask"
             run.log("note: this model does not take a pluggable attention function; packed rows use a 4D mask")
+    elif t.packing and run.attention == "flex":
+        run.varlen = use_flex_attention(model)
+        if not run.varlen:
+            raise ConfigError(f"train.attention flex: {type(model).__name__} does not take a pluggable attention "
+                              "function; use mask", where="train.attention")
     cast_norm_outputs(model)
     if t.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names it so

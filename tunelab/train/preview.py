@@ -47,18 +47,25 @@ def show_preview(run: TrainSession) -> dict[str, Any]:
     text = marked_text(supervision_preview(first, tok))
     plan = make_plan(run.cfg, len(data.examples))
     t = run.cfg.train
-    accum = max(1, math.ceil(t.batch_size // run.world / t.micro_batch_size))
+    if t.micro_batch_size == "auto":
+        micro = f"micro-batches filled to {t.micro_batch_tokens} tokens"
+    else:
+        accum = max(1, math.ceil(t.batch_size // run.world / t.micro_batch_size))
+        micro = (f"micro-batch {t.micro_batch_size}" + (f" (<= {t.micro_batch_tokens} tokens)" if t.micro_batch_tokens
+                                                        else "") + f" x {accum} accumulation")
+    attention = run.attention if t.packing else "the model's own (padded rows)"
     lines = [
         f"data: {data.describe()}, {stats['examples']:,} examples, {stats['tokens']:,} tokens, "
         f"{stats['target_tokens']:,} targets ({stats['target_share']:.1%})",
         f"  length mean {stats['length_mean']}, p50 {stats['length_p50']}, p95 {stats['length_p95']}, "
         f"max {stats['length_max']}" + (f"; {stats['dropped_too_long']} dropped (> data.max_seq_len "
                                          f"{run.cfg.data.max_seq_len})" if stats["dropped_too_long"] else ""),
-        f"plan: {plan.total_steps} steps of {t.batch_size} examples ({plan.steps_per_epoch} per epoch), "
-        f"micro-batch {t.micro_batch_size}" + (f" (<= {t.micro_batch_tokens} tokens)" if t.micro_batch_tokens else "")
-        + f" x {accum} accumulation x {run.world} process(es), "
-        f"{'packed' if t.packing else 'padded'}, warmup {plan.warmup}, autocast {run.autocast or 'off'}, "
-        f"device {run.device}",
+        f"plan: {plan.total_steps} steps of {t.batch_size} examples ({plan.steps_per_epoch} per epoch), {micro} "
+        f"x {run.world} process(es), {'packed' if t.packing else 'padded'}, warmup {plan.warmup}, "
+        f"autocast {run.autocast or 'off'}, device {run.device}",
+        f"attention {attention} (train.attention {t.attention}), compile "
+        f"{'on: each decoder layer' if run.compile else 'off'} (train.compile {str(t.compile).lower()})"
+        + (f", rows padded to a multiple of {run.pad_to} tokens" if run.pad_to else ""),
         f"first example ({first.where}), {len(first)} tokens, {first.n_targets} supervised, marked ⟦…⟧:",
     ]
     if run.memory is not None:
@@ -94,7 +101,8 @@ def dry_run_summary(run: TrainSession) -> TrainDryRun:
     plan = make_plan(run.cfg, len(run.data.examples))
     out = TrainDryRun(method=run.cfg.method, model=str(run.model_path), data=run.data.stats.as_dict(),
                       format=run.data.format, steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
-                      warmup_steps=plan.warmup, memory=run.memory,
+                      warmup_steps=plan.warmup, memory=run.memory, attention=run.attention,
+                      compile=run.compile,
                       first_example=json.loads(dump_example(run.data.examples[0], run.tokenizer)))
     run.log("dry run: nothing was trained")
     return out

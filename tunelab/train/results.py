@@ -190,4 +190,6 @@ class TrainDryRun(Result):
     steps_per_epoch: int
     warmup_steps: int
     memory: MemoryEstimate | None = None
+    attention: str | None = None  # train.attention as resolved for the device
+    compile: bool | None = None   # train.compile as resolved
     first_example: dict[str, Any]

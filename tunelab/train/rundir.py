@@ -32,7 +32,7 @@ FREE_FIELDS = ("name", "out", "train.threads", "train.log_every", "train.max_mem
                "forgetting")
 # fields added after runs were written: hashed only when set otherwise, so an older run still resumes
 LATER_DEFAULTS = {"optim.optimizer": "adamw", "optim.fused": "auto", "optim.offload": False,
-                  "trainable.match": None, "trainable.new_rows_only": False}
+                  "trainable.match": None, "trainable.new_rows_only": False, "train.compile": "auto"}
 INPUT_FIELDS = ("data.path", "data.prompt", "lora.init_adapter")  # files whose content is hashed (and data.mix's)
 
 

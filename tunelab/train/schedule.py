@@ -1,7 +1,8 @@
 """What each optimizer step trains on and at which learning rate.
 
 One optimizer step takes ``batch_size`` examples (over all processes) in a fixed, seeded order (``Plan``), split
-into micro-batches of at most ``micro_batch_size`` examples and ``micro_batch_tokens`` tokens per process
+into micro-batches of at most ``micro_batch_size`` examples and ``micro_batch_tokens`` tokens per process, or with
+``micro_batch_size: auto`` into the fewest micro-batches of at most ``micro_batch_tokens`` tokens
 (``micro_batches``); the learning rate warms up linearly, then decays by cosine or linearly, or stays constant
 (``lr_factor``).
 """
@@ -75,21 +76,36 @@ def _split(lengths: list[int], micro: int, max_tokens: int | None) -> list[int]:
     return sizes
 
 
-def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int,
-                  max_tokens: int | None = None) -> list[list[Example]]:
-    """This process's share of a step (every ``world``-th example), as micro-batches of at most ``micro``
-    examples and ``max_tokens`` tokens. Every process gets the same number of micro-batches (DDP syncs
-    gradients on the last one), so a process with fewer splits its largest ones further."""
-    shares = [[len(examples[i]) for i in idx[r::world]] for r in range(world)]
-    plans = [_split(s, micro, max_tokens) for s in shares]
-    want = max(len(p) for p in plans)
-    sizes = plans[rank]
-    while len(sizes) < want:  # split the largest chunk (want <= examples per process, so this ends)
-        j = max(range(len(sizes)), key=lambda k: sizes[k])
-        sizes[j:j + 1] = [sizes[j] - sizes[j] // 2, sizes[j] // 2]
-    mine = idx[rank::world]
+def _groups(lengths: list[int], micro: int | str, max_tokens: int | None) -> list[list[int]]:
+    """Positions of a process's share per micro-batch. ``micro`` a number: consecutive runs (``_split``);
+    ``auto``: the share packed into the fewest micro-batches of at most ``max_tokens`` tokens (first-fit
+    decreasing; a longer example alone), whatever the number of examples in each."""
+    if micro == "auto":
+        from tunelab.train.collate import plan_rows
+
+        assert max_tokens is not None, "micro_batch_size auto needs micro_batch_tokens"
+        return [sorted(g) for g in plan_rows(lengths, max_tokens)] if lengths else []
     out, s = [], 0
-    for n in sizes:
-        out.append([examples[i] for i in mine[s:s + n]])
+    for n in _split(lengths, int(micro), max_tokens):
+        out.append(list(range(s, s + n)))
         s += n
     return out
+
+
+def micro_batches(examples: list[Example], idx: list[int], rank: int, world: int, micro: int | str,
+                  max_tokens: int | None = None) -> list[list[Example]]:
+    """This process's share of a step (every ``world``-th example), as micro-batches of at most ``micro``
+    examples and ``max_tokens`` tokens (``micro`` auto: filled up to ``max_tokens``). Every process gets the same
+    number of micro-batches (DDP syncs gradients on the last one), so a process with fewer splits its largest
+    ones further. The grouping changes no result: the loss is the step's token mean either way."""
+    shares = [[len(examples[i]) for i in idx[r::world]] for r in range(world)]
+    plans = [_groups(s, micro, max_tokens) for s in shares]
+    want = max(len(p) for p in plans)
+    groups = plans[rank]
+    while len(groups) < want:  # split the largest chunk (want <= examples per process, so this ends)
+        j = max(range(len(groups)), key=lambda k: len(groups[k]))
+        g = groups[j]
+        half = len(g) - len(g) // 2
+        groups[j:j + 1] = [g[:half], g[half:]]
+    mine = idx[rank::world]
+    return [[examples[mine[i]] for i in g] for g in groups]

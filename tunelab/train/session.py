@@ -39,7 +39,9 @@ class TrainSession:
     console: Any = None
     resume: bool = False
     resolved: dict[str, Any] | None = None  # the config the weights depend on (rundir.resolved_config)
-    varlen: bool = False  # packed batches use varlen_attention (set when the model is loaded)
+    varlen: bool = False  # packed batches are one row with segments: varlen or flex (set when the model is loaded)
+    attention: str = "varlen"  # train.attention resolved for the device (varlen | mask | flex)
+    compile: bool = False  # train.compile resolved: decoder layers compiled during fit
     memory: Any = None  # the MemoryEstimate made before loading (tunelab.train.memory), None when none could be
     fsdp: bool = False  # the model is sharded with FSDP2 when fit prepares it (tunelab.train.sharding)
 
@@ -57,6 +59,13 @@ class TrainSession:
 
     def autocast_ctx(self):
         return autocast_ctx(self.device, self.autocast)
+
+    @property
+    def pad_to(self) -> int | None:
+        """Packed rows are padded to a multiple of this (compiled layers, flex's 128-token blocks); None: not."""
+        from tunelab.train.compile import ROW_MULTIPLE
+
+        return ROW_MULTIPLE if self.compile or (self.attention == "flex" and self.cfg.train.packing) else None
 
 
 def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = False, force: bool = False,
@@ -92,6 +101,7 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
                        log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume,
                        resolved=resolved, fsdp=fsdp)
     check_batching(run)
+    run.attention, run.compile = check_gpu_settings(cfg, device)
     run.memory = preflight(run)  # before any weight is loaded; over train.max_memory_gb: refused
     if force and not dry_run:
         if run.is_main and (gone := clear_run(out)):
@@ -108,6 +118,23 @@ def check_batching(run: TrainSession) -> None:
     if n < t.batch_size:
         raise ConfigError(f"only {n} examples, fewer than train.batch_size ({t.batch_size}); lower --batch-size",
                           where="train.batch_size")
+
+
+def check_gpu_settings(cfg: TrainConfig, device: torch.device) -> tuple[str, bool]:
+    """``train.attention`` and ``train.compile`` resolved for ``device``; a setting that cannot run here is one
+    error line (before any weight is loaded)."""
+    from tunelab.train.attention import flex_available, resolve_attention
+    from tunelab.train.compile import resolve_compile
+
+    t = cfg.train
+    attention = resolve_attention(t.attention, device)
+    if attention == "flex":
+        if device.type != "cuda":
+            raise ConfigError("train.attention flex trains on CUDA only: torch's flex attention has no backward on a "
+                              "CPU; use varlen (the CPU's default) or mask", where="train.attention")
+        if why := flex_available():
+            raise ConfigError(f"train.attention is flex but {why}; use mask or varlen", where="train.attention")
+    return attention, resolve_compile(t.compile, device)
 
 
 def seed_everything(seed: int) -> None:
