@@ -185,3 +185,37 @@ def test_settings_this_machine_cannot_run_exit_2(tmp_path, tiny_model_dir, chat_
     ok(run_train(str(cfg), "--batch-size", "8", "--out", str(tmp_path / "o2"), "--dry-run", env=env))
     assert not (tmp_path / "o").exists()
     assert os.environ.get("PATH")  # this process's PATH untouched
+
+
+def test_a_lora_base_cast_before_peft_trains_fp32_masters_and_the_same_adapter(tiny_model_dir):
+    """CUDA's LoRA load (tunelab.train.modeling): the frozen Linears cast to bf16 before PEFT wraps them (so an 8B
+    base never sits on the GPU in fp32). Every trainable tensor comes out fp32 (LoRA A/B, a modules_to_save copy of
+    Linear, kept out of the early cast), every weight is the one the usual order (PEFT first, then the cast)
+    stores, but A is the usual A rounded to bf16 (PEFT initialises it in fp32, then gives it the base layer's
+    dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.config import LoraSettings
+    from tunelab.train.lora import attach_lora
+    from tunelab.train.precision import cast_frozen_linears
+
+    settings = LoraSettings(r=4, modules_to_save=["gate_proj"], frozen_dtype="bfloat16")
+
+    def lora(before: bool):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        if before:
+            assert cast_frozen_linears(model, torch.bfloat16, before_lora=True, keep=["gate_proj"]) > 0
+        torch.manual_seed(0)
+        return dict(attach_lora(model, settings).named_parameters())
+
+    usual, early = lora(False), lora(True)
+    assert usual.keys() == early.keys()
+    trained = [n for n, p in early.items() if p.requires_grad]
+    assert any("gate_proj.modules_to_save" in n for n in trained) and any("lora_A" in n for n in trained)
+    for n, p in early.items():
+        assert p.dtype == usual[n].dtype, n
+        assert p.dtype == (torch.float32 if p.requires_grad else usual[n].dtype), n
+        want = usual[n].detach()
+        if "lora_A" in n:
+            want = want.to(torch.bfloat16).float()
+        assert torch.equal(p.detach(), want), n

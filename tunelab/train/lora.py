@@ -18,7 +18,7 @@ from tunelab.train.forgetting import ForgettingProbe
 from tunelab.train.freeze import apply_trainable
 from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
-from tunelab.train.precision import cast_frozen_linears, frozen_dtype
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype, trainable_in_fp32
 from tunelab.train.preview import dry_run_summary, show_preview
 from tunelab.train.quantize import base_linear_bytes
 from tunelab.train.finish import finish
@@ -41,6 +41,7 @@ def attach_lora(model: torch.nn.Module, settings: LoraSettings, run: TrainSessio
     for m in model.modules():
         if hasattr(m, "lora_A"):
             m.cast_input_dtype_enabled = False
+    trainable_in_fp32(model)  # a base cast before LoRA (on CUDA) gave PEFT's new tensors its dtype
     dtype = frozen_dtype(settings, run.autocast if run is not None else None)
     if dtype is not None:
         cast_frozen_linears(model, dtype)

@@ -12,7 +12,7 @@ import torch
 
 from tunelab.errors import ConfigError, ModelError
 from tunelab.train.attention import use_flex_attention, use_varlen_attention
-from tunelab.train.precision import cast_norm_outputs
+from tunelab.train.precision import cast_frozen_linears, cast_norm_outputs, frozen_dtype
 from tunelab.train.quantize import load_quantized, logical_numel
 from tunelab.train.session import TrainSession
 from tunelab.train.sharding import cpu_ram_efficient_loading
@@ -60,6 +60,13 @@ def load_base_model(run: TrainSession) -> torch.nn.Module:
         # local rank 0 holds the weights on the CPU, the others an empty (meta) model: accelerate hands rank 0's
         # weights on, shard by shard, as it shards the model onto the devices in fit
         return model
+    if run.device.type == "cuda" and run.cfg.method == "lora":
+        # The frozen base in the autocast dtype before it goes to the GPU, not after LoRA is attached: an 8B base
+        # would otherwise pass through GPU memory in fp32 (32 GB) on the way. (PEFT initialises A in fp32 and rounds
+        # it to the base's dtype, so a CUDA run's initial A is bf16-rounded; the CPU path is unchanged.)
+        dtype = frozen_dtype(run.cfg.lora, run.autocast)
+        if dtype is not None:
+            cast_frozen_linears(model, dtype, before_lora=True, keep=run.cfg.lora.modules_to_save)
     return model.to(run.device)
 
 

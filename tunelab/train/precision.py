@@ -50,20 +50,36 @@ def frozen_dtype(settings: LoraSettings, autocast: torch.dtype | None) -> torch.
     return None
 
 
-def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype) -> int:
+def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype, *, before_lora: bool = False,
+                        keep: list[str] | None = None) -> int:
     """Store frozen Linear weights in ``dtype``: autocast would cast them to it on every call anyway.
 
     Embeddings, norms and anything tied to the embeddings (the lm_head of SmolLM2) stay fp32, so the residual
-    stream keeps its precision, and so do quantised weights (``lora.quantize``: not floating point). Returns the
-    number of weights cast.
+    stream keeps its precision, and so do quantised weights (``lora.quantize``: not floating point). With
+    ``before_lora`` (the base of a LoRA run, before PEFT wraps it and freezes what it does not train) every such
+    Linear is cast but those named in ``keep`` (``modules_to_save``: PEFT trains a copy of them in full, from
+    their exact weights). Returns the number of weights cast.
     """
     emb = model.get_input_embeddings().weight
     n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not emb \
+    for name, m in model.named_modules():
+        if keep and name.rsplit(".", 1)[-1] in keep:
+            continue
+        if isinstance(m, torch.nn.Linear) and (before_lora or not m.weight.requires_grad) and m.weight is not emb \
                 and m.weight.dtype.is_floating_point and m.weight.dtype != dtype:
             m.weight.data = m.weight.data.to(dtype)
             if m.bias is not None:
                 m.bias.data = m.bias.data.to(dtype)
+            n += 1
+    return n
+
+
+def trainable_in_fp32(model: torch.nn.Module) -> int:
+    """Every trainable floating-point tensor in fp32 (master weights): PEFT moves a new adapter to its base layer's
+    dtype and copies ``modules_to_save`` as they are, so a base cast before LoRA would leave some in bf16."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype.is_floating_point and p.dtype != torch.float32:
+            p.data = p.data.float()
             n += 1
     return n
