@@ -252,8 +252,6 @@ def align_vocab(model_dir: Path, data_path: Path, out: Path, cfg: AlignConfig, *
     import torch
     from transformers import AutoModelForCausalLM
 
-    from transformers import get_cosine_schedule_with_warmup
-
     from tunelab.models.scoring import pick_autocast
 
     start = time.monotonic()
@@ -311,7 +309,11 @@ def align_vocab(model_dir: Path, data_path: Path, out: Path, cfg: AlignConfig, *
     steps_per_epoch = math.ceil(len(train_pairs) / bs)
     total = max(1, round(steps_per_epoch * cfg.epochs))
     opt = torch.optim.AdamW([al.new_rows], lr=cfg.lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(opt, math.ceil(total * cfg.warmup_ratio), total)
+    # linear warm-up, then cosine to 0 (torch's schedulers; transformers' would import bitsandbytes, which warns)
+    warm = max(1, math.ceil(total * cfg.warmup_ratio))
+    schedule = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warm, total_iters=warm),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warm))], milestones=[warm])
     tick = make("aligning the new rows", total)
     boundaries = 0
     order = list(range(len(train_pairs)))
