@@ -12,7 +12,6 @@ compiled run repeats its steps, so it compiles nothing. Ends with one JSON line:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,46 +20,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="lora", choices=["lora", "full"])
-    ap.add_argument("--model", default="bundled")
-    ap.add_argument("--n", type=int, default=128, help="reviews (examples/data/nsmc_binary_train_512.jsonl)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8, help="steps per timed run")
-    ap.add_argument("--attention", default="auto", choices=["auto", "varlen", "mask"])
+    from short_run import run_arguments
+
+    ap = run_arguments(__doc__, n=128, batch=8, steps=8, steps_help="steps per timed run", out="runs/train_compile")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--out", default="runs/train_compile")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
 
-    from tunelab.config import validate_as
-    from tunelab.train import lora
-    from tunelab.train.config import TrainConfig
+    from short_run import nsmc_run
     from tunelab.train.loop import fit
-    from tunelab.train.modeling import load_base_model
-    from tunelab.train.session import start_session
 
-    cfg = validate_as(TrainConfig, {
-        "method": args.method, "model": args.model, "out": args.out,
-        "data": {"path": str(ROOT / "examples/data/nsmc_binary_train_512.jsonl"), "limit": args.n,
-                 "prompt": str(ROOT / "examples/train/sentiment_binary_short.yaml"), "max_seq_len": 512},
-        "optim": {"lr": 3e-4, "warmup_ratio": 0.0},
-        "train": {"max_steps": args.steps, "batch_size": args.batch, "micro_batch_size": args.batch,
-                  "micro_batch_tokens": 2048, "device": args.device, "attention": args.attention,
-                  "activation_checkpointing": args.activation_checkpointing, "threads": args.threads,
-                  "compile": True},
-    }, "<train_compile>")
-    run = start_session(cfg, log=lambda m: None)
-    model = load_base_model(run)
-    if args.method == "lora":
-        model = lora.attach_lora(model, cfg.lora, run)
+    cfg, run, model = nsmc_run(args, "<train_compile>", max_steps=args.steps, micro_batch_tokens=2048,
+                               activation_checkpointing=args.activation_checkpointing, threads=args.threads,
+                               compile=True)
     cuda = run.device.type == "cuda"
 
     def timed(compiled: bool) -> tuple[float, int]:

@@ -389,16 +389,21 @@ def run_trl(args, st: dict, prep: dict, device: str) -> dict:
                           bias="none") if lora else None
     trainer = SFTTrainer(model=prep["model_dir"], args=cfg, train_dataset=_trl_dataset(args), peft_config=peft_cfg,
                          callbacks=[_hf_meter_callback(meter)])
+    res = _train_hf(trainer, tmp, meter, st)
+    res["config"] = {"padding_free": args.data == "reviews", "liger": liger,
+                     "base_dtype": str(dtype).replace("torch.", ""), "attn": "sdpa",
+                     "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+    return res
+
+
+def _train_hf(trainer, tmp: str, meter, st: dict) -> dict:
+    """Train a TRL/Unsloth trainer (its output folder removed after) and read the meter past the warm-up steps."""
     try:
         trainer.train()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _hf_losses(trainer, meter)
-    res = meter.result(st["warmup"])
-    res["config"] = {"padding_free": args.data == "reviews", "liger": liger,
-                     "base_dtype": str(dtype).replace("torch.", ""), "attn": "sdpa",
-                     "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
-    return res
+    return meter.result(st["warmup"])
 
 
 def run_unsloth(args, st: dict, prep: dict, device: str) -> dict:
@@ -419,12 +424,7 @@ def run_unsloth(args, st: dict, prep: dict, device: str) -> dict:
     tmp = tempfile.mkdtemp(prefix="unsloth-", dir=workdir(args))
     trainer = SFTTrainer(model=model, processing_class=tok, args=_hf_args(args, st, device, tmp, False),
                          train_dataset=_trl_dataset(args), callbacks=[_hf_meter_callback(meter)])
-    try:
-        trainer.train()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _hf_losses(trainer, meter)
-    res = meter.result(st["warmup"])
+    res = _train_hf(trainer, tmp, meter, st)
     res["config"] = {"unsloth": getattr(unsloth, "__version__", "?")}
     return res
 

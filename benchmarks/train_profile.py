@@ -11,7 +11,6 @@ step that is CPU-bound shows a low op_share or a CPU op on top).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,45 +19,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="lora", choices=["lora", "full"])
-    ap.add_argument("--model", default="bundled")
-    ap.add_argument("--n", type=int, default=64, help="reviews (examples/data/nsmc_binary_train_512.jsonl)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=4, help="profiled steps (after 1 warm-up step)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--attention", default="auto", choices=["auto", "varlen", "mask"], help="train.attention")
+    from short_run import run_arguments
+
+    ap = run_arguments(__doc__, n=64, batch=16, steps=4, steps_help="profiled steps (after 1 warm-up step)",
+                       out="runs/train_profile")
     ap.add_argument("--plain", action="store_true", help="also time the same steps without the profiler")
-    ap.add_argument("--out", default="runs/train_profile")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tunelab.config import validate_as
-    from tunelab.train import lora
-    from tunelab.train.config import TrainConfig
+    from short_run import nsmc_run
     from tunelab.train.loop import fit
-    from tunelab.train.modeling import load_base_model
-    from tunelab.train.session import start_session
 
-    cfg = validate_as(TrainConfig, {
-        "method": args.method, "model": args.model, "out": args.out,
-        "data": {"path": str(ROOT / "examples/data/nsmc_binary_train_512.jsonl"), "limit": args.n,
-                 "prompt": str(ROOT / "examples/train/sentiment_binary_short.yaml"), "max_seq_len": 512},
-        "optim": {"lr": 3e-4, "warmup_ratio": 0.0},
-        "train": {"max_steps": args.steps + 1, "batch_size": args.batch, "micro_batch_size": args.batch,
-                  "micro_batch_tokens": None, "device": args.device,
-                  "attention": args.attention},
-    }, "<profile>")
-    run = start_session(cfg, log=lambda m: None)
-    model = load_base_model(run)
-    if args.method == "lora":
-        model = lora.attach_lora(model, cfg.lora, run)
+    cfg, run, model = nsmc_run(args, "<profile>", max_steps=args.steps + 1, micro_batch_tokens=None)
     cuda = run.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
