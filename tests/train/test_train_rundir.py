@@ -76,3 +76,19 @@ def test_resume_may_change_what_does_not_touch_the_weights(finished):
     out, args = finished
     p = ok(run_train(*args, "--resume", "--threads", "1", "--set", "train.log_every=2", "--checkpoint-every", "3"))
     assert "resumed from step-000002" in p.stderr
+
+
+def test_resume_takes_the_same_files_at_another_path(tmp_path, tiny_model_dir, chat_file):
+    """A moved checkout, or the config given by another path: the input files' paths differ, their digests do not,
+    so it is the same run; changed contents at the new path are still refused."""
+    out = tmp_path / "run"
+    ok(run_train(*common(tiny_model_dir, chat_file, out, "--max-steps", "3", "--checkpoint-every", "2")))
+    moved = tmp_path / "moved" / "chat.jsonl"
+    moved.parent.mkdir()
+    moved.write_bytes(chat_file.read_bytes())
+    p = ok(run_train(*common(tiny_model_dir, moved, out, "--max-steps", "3", "--checkpoint-every", "2"), "--resume"))
+    assert "resumed from step-000002" in p.stderr
+    assert json.loads((out / "run_config.json").read_text())["config"]["data.path"] == str(moved)
+    moved.write_bytes(chat_file.read_bytes() + chat_file.read_bytes())
+    assert_clean_error(run_train(*common(tiny_model_dir, moved, out, "--max-steps", "3", "--checkpoint-every", "2"),
+                                 "--resume"), "holds a run with another config (", "inputs.data.path")

@@ -4,8 +4,9 @@ A run writes ``OUT/run_config.json`` when it starts training: its resolved confi
 overrides) without the fields that cannot change the trained weights (``FREE_FIELDS``), the sha256 of the data and
 prompt files it reads, and the hash of both (``config_hash``), which every checkpoint also carries. Then
 
-- ``--resume`` continues only a run with the same hash; otherwise one line lists what differs
-  (``optim.lr 0.0002 -> 0.001, data.path a.jsonl -> b.jsonl``) and nothing is touched. The free fields may differ
+- ``--resume`` continues only a run with the same hash, or one whose input files only moved (other paths, the same
+  digests); otherwise one line lists what differs (``optim.lr 0.0002 -> 0.001, data.path a.jsonl -> b.jsonl``) and
+  nothing is touched. The free fields may differ
   (where the report goes, threads, logging and checkpoint cadence, the before/after eval and forgetting probe);
 - without ``--resume``, an ``--out`` that holds a run (finished or not) is refused, unless ``--force``: then the
   run's own files (``RUN_FILES``) are removed and nothing else in the folder is.
@@ -87,6 +88,15 @@ def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     return ", ".join(parts)
 
 
+def moved_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when ``old`` and ``new`` differ only in the paths of input files whose contents are the same (their
+    ``inputs.*`` digests equal): the same data reached through another path (a moved checkout, a config given by
+    another path) is the same run."""
+    keys = [k for k in set(old) | set(new) if old.get(k) != new.get(k)]
+    return bool(keys) and all(old.get(f"inputs.{k}") is not None and old.get(f"inputs.{k}") == new.get(f"inputs.{k}")
+                              for k in keys)
+
+
 def read_run_config(out: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((Path(out) / RUN_CONFIG).read_text(encoding="utf-8"))
@@ -113,7 +123,7 @@ def check_out_dir(cfg: TrainConfig, out: Path, *, resume: bool, force: bool, dry
         stored = read_run_config(out)
         ck = latest_checkpoint(out)
         if stored is not None:
-            if config_hash(stored["config"]) != config_hash(resolved):
+            if config_hash(stored["config"]) != config_hash(resolved) and not moved_only(stored["config"], resolved):
                 raise ConfigError(f"{out} holds a run with another config ({differences(stored['config'], resolved)})"
                                   ": resume it with its own config, or train into a new --out", where=where)
         elif ck is not None:
