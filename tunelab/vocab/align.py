@@ -205,14 +205,13 @@ class Aligner:
         with autocast_context(self.device.type, self.autocast):
             return softcap_logits(self.model.config, self.model.get_output_embeddings()(last).float())
 
-    def loss(self, batch: list[Pair], teacher=None):
-        """Alignment loss of a batch (and the teacher's hidden states, computed unless given)."""
+    def loss(self, batch: list[Pair]):
+        """Alignment loss of a batch."""
         import torch
 
         rows, i, j = _index(batch, self.device)
-        if teacher is None:
-            with torch.no_grad():
-                teacher = [_unit(h[rows, j].float()) for h in self.hidden([p.old for p in batch], False)]
+        with torch.no_grad():
+            teacher = [_unit(h[rows, j].float()) for h in self.hidden([p.old for p in batch], False)]
         student = self.hidden([p.new for p in batch], True)
         terms = [((_unit(s[rows, i].float()) - t) ** 2).mean() for s, t in zip(student, teacher)]
         return torch.stack(terms).mean()
@@ -235,11 +234,9 @@ def bits_per_byte(al: Aligner, pairs: list[Pair], student: bool, batch_size: int
             batch = pairs[s:s + batch_size]
             seqs = [p.new if student else p.old for p in batch]
             logits = al.logits(seqs, student)
-            for k, (p, q) in enumerate(zip(batch, seqs)):
-                if len(q) < 2:
-                    continue
+            for k, (p, q) in enumerate(zip(batch, seqs)):  # every q is the prefix and at least one token
                 tgt = torch.tensor(q[1:], device=al.device)
-                nll += float(F.cross_entropy(logits[k, :len(q) - 1].float(), tgt, reduction="sum"))
+                nll += float(F.cross_entropy(logits[k, :len(q) - 1], tgt, reduction="sum"))
                 nb += p.nbytes
     return nll / max(1, nb) / math.log(2)
 
