@@ -124,6 +124,28 @@ def test_too_long_examples_are_dropped_and_counted(tmp_path, tokenizer):
         load(tmp_path, rows, tokenizer, max_seq_len=200, too_long="error")
 
 
+def test_forgetting_probe_keeps_its_own_length_limit_whatever_the_run_trains_at(tmp_path, tokenizer):
+    """Stages of one experiment train at different data.max_seq_len (a pretrain stage at 256, a labelled one at
+    512); their forgetting probes must measure the same examples to compare."""
+    from types import SimpleNamespace
+
+    from tunelab.train.config import TrainConfig
+    from tunelab.train.forgetting import ForgettingProbe
+
+    rows = chat_rows(4)
+    rows[1]["messages"][1]["content"] = "long " * 300  # ~300 tokens: over 256, under the probe's 512
+    probe = write_jsonl(tmp_path / "probe.jsonl", rows)
+    counts = {}
+    for run_len in (64, 256, 2048):
+        cfg = TrainConfig.model_validate({"data": {"path": str(probe), "max_seq_len": run_len},
+                                          "forgetting": {"data": str(probe)}})
+        counts[run_len] = len(ForgettingProbe.create(SimpleNamespace(cfg=cfg, tokenizer=tokenizer)).data.examples)
+    assert counts == {64: 4, 256: 4, 2048: 4}
+    cfg = TrainConfig.model_validate({"data": {"path": str(probe)},
+                                      "forgetting": {"data": str(probe), "max_seq_len": 256}})
+    assert len(ForgettingProbe.create(SimpleNamespace(cfg=cfg, tokenizer=tokenizer)).data.examples) == 3
+
+
 @pytest.mark.parametrize("line,message", [
     ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": \n',
      r"d.jsonl:2: malformed JSON"),

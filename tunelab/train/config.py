@@ -277,6 +277,9 @@ class ForgettingConfig(StrictModel):
                                   "reported as perplexity on its answers before and after")
     format: DataFormat = "auto"
     limit: int | None = Field(64, ge=1)
+    max_seq_len: int = Field(512, ge=8, description="the probe's own length limit (longer examples are dropped), "
+                                                    "not data.max_seq_len: probes of runs with different "
+                                                    "max_seq_len measure the same examples")
 
 
 class TrainConfig(StrictModel):

@@ -30,7 +30,7 @@ class ForgettingProbe:
             return cls()
         from tunelab.train.config import TrainDataConfig
 
-        dc = TrainDataConfig(path=f.data, format=f.format, limit=f.limit, max_seq_len=run.cfg.data.max_seq_len)
+        dc = TrainDataConfig(path=f.data, format=f.format, limit=f.limit, max_seq_len=f.max_seq_len)
         return cls(load_train_data(dc, run.tokenizer, method="lora"))
 
     def _nll(self, run: TrainSession, model, loss_module=None) -> float:
