@@ -4,6 +4,7 @@ training reviews, LoRA trains on the teacher's labels, and the teacher's tokens 
 from __future__ import annotations
 
 import json
+import shutil
 
 from helpers import read_jsonl, write_yaml
 from helpers.cli import ok, run_cli
@@ -48,6 +49,14 @@ def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):
 
         # a rerun asks the teacher nothing and trains nothing
         ok(run_cli("run", path, "--out", out, env=env))
+        assert set(actions(out).values()) == {("done", "cached")}
+        assert srv.stats()["completions"] == sent
+        # nor does one whose input files moved (a checkout elsewhere): the same bytes are the same stage
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        gen["config"]["prompt"] = str(shutil.copy(FEW_SHOT, moved / "teacher_prompt.yaml"))
+        gen["config"]["data"]["path"] = str(shutil.copy(TRAIN, moved / "reviews.jsonl"))
+        ok(run_cli("run", write_yaml(tmp_path / "moved.yaml", exp), "--out", out, env=env))
         assert set(actions(out).values()) == {("done", "cached")}
         assert srv.stats()["completions"] == sent
     assert state(out)["stages"]["train/lora"]["result"]["data"] == str(data.resolve())

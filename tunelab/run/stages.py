@@ -170,11 +170,7 @@ class GenerateStage:
         return cfg
 
     def inputs(self, ctx: Ctx) -> dict:
-        cfg = self._config(ctx)
-        files = {}
-        for k, v in _walk(cfg):
-            if isinstance(v, str) and Path(v).is_absolute() and Path(v).is_file():
-                files[k] = file_sha(v)
+        cfg = _by_content(self._config(ctx))  # input files by their bytes: a moved experiment stays cached
         g = ctx.r.exp.generate
         extra: dict[str, Any] = {}
         if g is not None and g.inputs == "train":
@@ -184,7 +180,7 @@ class GenerateStage:
         if g is not None and g.serve:
             extra["served_model"] = (ctx.upstream(self.teacher.key).output_hash if self.teacher is not None
                                      else model_identity(ctx.r.model))
-        return {"config": cfg, "files": files, "limit": self._limit(ctx), **extra}
+        return {"config": cfg, "limit": self._limit(ctx), **extra}
 
     def _limit(self, ctx: Ctx) -> int | None:
         g = ctx.r.exp.generate
@@ -299,12 +295,15 @@ def item_id(item: dict, index: int, id_field: str | None) -> str:
     return str(item[f]) if f in item else f"line{item.get('_line', index + 1)}"
 
 
-def _walk(obj: Any, prefix: str = ""):
+def _by_content(obj: Any) -> Any:
+    """``obj`` with every absolute path of a file replaced by the file's content hash."""
     if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk(v, f"{prefix}{k}.")
-    else:
-        yield prefix.rstrip("."), obj
+        return {k: _by_content(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_by_content(v) for v in obj]
+    if isinstance(obj, str) and Path(obj).is_absolute() and Path(obj).is_file():
+        return f"sha256:{file_sha(obj)}"
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------
