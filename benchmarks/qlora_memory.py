@@ -2,7 +2,7 @@
 
 Each run is `tunelab train`'s LoRA recipe (tunelab.train.lora.run) in its own process, so its peak memory is its
 own: the same data, steps, rank and seed; only ``lora.quantize`` differs. A third process loads the base both ways,
-trains nothing, and counts the frozen Linear weights' bytes in memory (tunelab.train.quantize.base_linear_bytes:
+trains nothing, and counts the frozen Linear weights' bytes in memory (tunelab.models.quantize.base_linear_bytes:
 the quantised data and every scale, against the bf16 copy that a LoRA run keeps, lora.frozen_dtype auto).
 
     python benchmarks/qlora_memory.py --threads 1          # CPU: the bundled SmolLM2-135M, NSMC reviews
@@ -108,7 +108,7 @@ def count_weights(args) -> dict:
 
     from tunelab.models.convert import resolve_local_path
     from tunelab.train.precision import cast_frozen_linears
-    from tunelab.train.quantize import base_linear_bytes, load_quantized
+    from tunelab.models.quantize import base_linear_bytes, load_quantized
 
     path = resolve_local_path(args.model)
     device = torch.device(args.device if args.device != "auto" else "cpu")

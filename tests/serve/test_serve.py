@@ -458,3 +458,24 @@ def test_64_concurrent_clients(server):
     assert not errors, errors[:3]
     assert all(isinstance(r, str) for r in results)
     wait_until(lambda: httpx.get(server.url + "/health").json()["active_requests"] == 0)
+
+
+def test_a_qlora_adapter_is_served_on_the_full_precision_base_and_says_so(adapters, tmp_path, caplog):
+    """Many adapters share one base in the server, so a QLoRA adapter's quantised base is not rebuilt there: the
+    log says so and names the exact alternative (eval and `tunelab merge` use the dequantised base)."""
+    import json
+    import logging
+    import shutil
+
+    from tunelab.serve.adapters import AdapterRegistry
+
+    q = tmp_path / "qlora"
+    shutil.copytree(adapters["lora-a"], q)
+    (q / "tunelab_train.json").write_text(json.dumps({"config": {"lora": {"quantize": "nf4"}}}))
+    registry = AdapterRegistry()
+    with caplog.at_level(logging.WARNING, logger="tunelab.serve"):
+        registry.register("plain", adapters["lora-a"])
+        assert not caplog.records
+        registry.register("q", q)
+    assert len(caplog.records) == 1 and "'q' was trained on the nf4 base" in caplog.text
+    assert "tunelab merge" in caplog.text

@@ -1,6 +1,6 @@
 """QLoRA (`lora.quantize: nf4 | int8`, bitsandbytes' CPU backend): the base's Linear weights really are quantised
 (and counted), a tiny model trains on it, resumes, leaves a plain PEFT adapter for the fp32 base, and merges into
-the dequantised base with the greedy + logit check."""
+the dequantised base with the greedy + logit check; eval loads the adapter on that dequantised base as well."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def tinyq(tmp_path_factory):
 def test_base_linears_are_quantised_and_counted(tinyq, quantize, max_ratio):
     import torch
 
-    from tunelab.train.quantize import base_linear_bytes, load_quantized, logical_numel
+    from tunelab.models.quantize import base_linear_bytes, load_quantized, logical_numel
 
     model = load_quantized(tinyq, quantize, "cpu")
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
@@ -50,7 +50,7 @@ def test_eval_forward_keeps_the_training_layout(tinyq):
     after that a training forward takes the inference kernel. Loaded by tunelab it does not."""
     import torch
 
-    from tunelab.train.quantize import load_quantized
+    from tunelab.models.quantize import load_quantized
 
     model = load_quantized(tinyq, "nf4", "cpu")
     lin = model.model.layers[0].mlp.up_proj
@@ -130,7 +130,7 @@ def test_merge_folds_a_qlora_adapter_into_the_dequantised_base(tmp_path, tinyq, 
     from safetensors.torch import load_file
 
     from tunelab.train.merge import LOGIT_TOLERANCE
-    from tunelab.train.quantize import dequantized_weight, load_quantized
+    from tunelab.models.quantize import dequantized_weight, load_quantized
 
     out = tmp_path / "run"
     ok(run_train(*common(tinyq, chat_file, out, "--max-steps", "3", "--lr", "5e-2", "--quantize", quantize)))
@@ -156,6 +156,22 @@ def test_merge_folds_a_qlora_adapter_into_the_dequantised_base(tmp_path, tinyq, 
     assert delta.abs().max() > 0
     torch.testing.assert_close(got, deq + delta, rtol=0, atol=1e-6)
     assert not torch.allclose(got, fp32 + delta, atol=1e-4)
+
+    # eval/serve of the adapter itself (LocalModel, as `tunelab eval --adapter` and the before/after eval load it)
+    # put it on that dequantised base too: the merged model's logits, not the fp32 base's.
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models.local import LocalModel
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    local = LocalModel(str(tinyq), adapter=out / "adapter", dtype="float32")
+    assert local.dequantized == quantize and f"dequantized-{quantize}" in local.identity
+    with torch.no_grad():
+        got_logits = local.model(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(got_logits, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    plain = LocalModel(str(merged), dtype="float32")
+    assert plain.dequantized == "none" and plain.identity != local.identity
 
 
 def test_bad_quantize_value_and_method_are_one_line(tmp_path, tinyq, chat_file):

@@ -20,7 +20,7 @@ from tunelab.train.loop import fit
 from tunelab.train.modeling import count_parameters, load_base_model
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype, trainable_in_fp32
 from tunelab.train.preview import dry_run_summary, show_preview
-from tunelab.train.quantize import base_linear_bytes
+from tunelab.models.quantize import base_linear_bytes
 from tunelab.train.finish import finish
 from tunelab.train.results import TrainDryRun, TrainReport
 from tunelab.train.session import TrainSession, start_session

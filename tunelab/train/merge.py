@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from tunelab.errors import TunelabError
-from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
+from tunelab.models.adapters import BaseInfo, adapter_load_error, adapter_quantize, check_adapter_fits
 from tunelab.models.base import find_adapter_dir
-from tunelab.train.quantize import dequantize_linears, load_quantized
+from tunelab.models.quantize import load_dequantized, load_quantized
 
 # Largest |logit difference| between the merged model and the unmerged adapter on the probes, as a share of the
 # adapter's largest |logit| (fp32 logits). Folding B @ A into the weight changes only the order of fp32 sums: observed
@@ -66,16 +66,6 @@ def base_model_of(adapter: Path) -> str | None:
         return m.get("base_model")
     cfg = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     return cfg.get("base_model_name_or_path")
-
-
-def adapter_quantize(adapter: Path) -> str:
-    """The base quantisation an adapter was trained on (``lora.quantize`` in its tunelab_train.json; none when the
-    file does not say, as for an adapter written by PEFT itself)."""
-    meta = adapter / "tunelab_train.json"
-    if not meta.is_file():
-        return "none"
-    cfg = json.loads(meta.read_text(encoding="utf-8")).get("config") or {}
-    return str((cfg.get("lora") or {}).get("quantize") or "none")
 
 
 def probe_prompts(adapter: Path, probe_file: Path | None, n: int = 8) -> list[list[dict]]:
@@ -162,10 +152,9 @@ def merge_adapter(adapter: Path, out: Path, *, model: str | None = None, probe_f
         """The fp32 base; for a QLoRA adapter the quantised base (``dequantized``: turned back into fp32 Linears)."""
         if quantize == "none":
             return AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-        model = load_quantized(base_path, quantize, "cpu", compute_dtype=torch.float32)
         if dequantized:
-            dequantize_linears(model)
-        return model
+            return load_dequantized(base_path, quantize)
+        return load_quantized(base_path, quantize, "cpu", compute_dtype=torch.float32)
 
     def adapted(dequantized: bool = False):
         try:

@@ -13,7 +13,7 @@ import torch
 from tunelab.errors import ConfigError, ModelError
 from tunelab.train.attention import use_flex_attention, use_varlen_attention
 from tunelab.train.precision import cast_frozen_linears, cast_norm_outputs, frozen_dtype
-from tunelab.train.quantize import load_quantized, logical_numel
+from tunelab.models.quantize import load_quantized, logical_numel
 from tunelab.train.session import TrainSession
 from tunelab.train.sharding import cpu_ram_efficient_loading
 

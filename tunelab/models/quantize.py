@@ -4,8 +4,10 @@ block scales (Dettmers et al. 2023, QLoRA); ``int8`` = 8-bit LLM.int8 (row-wise 
 
 ``load_quantized`` loads a base so, ``base_linear_bytes`` counts what its Linear weights hold in memory (quantised
 data + scales, against a bf16 copy), ``dequantize_linears`` turns a quantised base back into plain fp32 ``nn.Linear``
-modules holding the dequantised weights (what `tunelab merge` folds a QLoRA adapter into). The embeddings, norms
-and the output head stay in full precision (transformers keeps the head, tied to the embeddings in SmolLM2, out).
+modules holding the dequantised weights (what `tunelab merge` folds a QLoRA adapter into, and the base
+``LocalModel`` puts one on: ``load_dequantized``). The embeddings, norms and the output head stay in full precision
+(transformers keeps the head, tied to the embeddings in SmolLM2, out). In ``models/`` rather than ``train/``
+because loading (train, merge, eval, export) all needs it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ def load_quantized(path: str | Path, quantize: str, device: torch.device | str,
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"cannot load {path} quantised ({quantize}): {str(e).splitlines()[0]}") from None
     keep_training_layout(model)
+    return model
+
+
+def load_dequantized(path: str | Path, quantize: str) -> torch.nn.Module:
+    """The causal LM at ``path`` as a QLoRA adapter trained on it saw it: each Linear weight quantised (as
+    ``load_quantized`` does, on the CPU) and turned back into fp32, dequant(quant(W)); a plain fp32 model."""
+    model = load_quantized(path, quantize, "cpu", compute_dtype=torch.float32)
+    dequantize_linears(model)
     return model
 
 
