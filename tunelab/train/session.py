@@ -97,6 +97,10 @@ def start_session(cfg: TrainConfig, *, resume: bool = False, dry_run: bool = Fal
     data = load_train_data(cfg.data, tok, method=cfg.method, spec=spec)
     out = Path(cfg.out)
     resolved = check_out_dir(cfg, out, resume=resume, force=force, dry_run=dry_run)
+    # Every process checks --out before the main one writes into it (metrics.jsonl, run_config.json at fit's start):
+    # a process slower to get here (a loaded machine) would otherwise find those files and refuse the run as
+    # "an earlier run" (seen once in CI: exit 2 on rank 1 of the FSDP2 test).
+    accelerator.wait_for_everyone()
     run = TrainSession(cfg, out, accelerator, device, pick_autocast(cfg.train.dtype, device), tok, model_path, data,
                        log=log if accelerator.is_main_process else (lambda s: None), console=console, resume=resume,
                        resolved=resolved, fsdp=fsdp)
