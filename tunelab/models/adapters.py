@@ -36,19 +36,6 @@ CONFIG_FIELDS = ("model_type", "architectures", "vocab_size", "hidden_size", "in
 FINGERPRINT_VALUES = 256  # values read from the first row of every weight matrix
 
 
-def adapter_quantize(adapter: Path) -> str:
-    """The base quantisation an adapter was trained on (``lora.quantize`` in its tunelab_train.json; none when the
-    file does not say, as for an adapter written by PEFT itself)."""
-    meta = Path(adapter) / TRAIN_META
-    if not meta.is_file():
-        return "none"
-    try:
-        cfg = json.loads(meta.read_text(encoding="utf-8")).get("config") or {}
-    except (ValueError, AttributeError):
-        return "none"
-    return str((cfg.get("lora") or {}).get("quantize") or "none")
-
-
 def config_summary(model_dir: Path) -> dict[str, Any]:
     """The identifying fields of a model directory's config.json (those it has)."""
     try:
@@ -101,6 +88,13 @@ def _train_meta(adapter: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
+
+
+def adapter_quantize(adapter: Path) -> str:
+    """The base quantisation an adapter was trained on (``lora.quantize`` in its tunelab_train.json; none when the
+    file does not say, as for an adapter written by PEFT itself)."""
+    cfg = _train_meta(adapter).get("config") or {}
+    return str((cfg.get("lora") or {}).get("quantize") or "none")
 
 
 def recorded_base(adapter: Path) -> dict[str, Any] | None:

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from tunelab.data.io import file_digest
-from tunelab.errors import ModelError
-from tunelab.models.adapters import BaseInfo, adapter_load_error, check_adapter_fits
+from tunelab.errors import ConfigError, ModelError
+from tunelab.models.adapters import BaseInfo, adapter_load_error, adapter_quantize, check_adapter_fits
 from tunelab.models.base import ChoiceScores, Generation, GenerationParams, Message, find_adapter_dir
 from tunelab.models.convert import resolve_local_path
 from tunelab.models.scoring import PrefixScorer, autocast_context, cpu_has_fast_bf16  # noqa: F401
@@ -102,14 +102,14 @@ class LocalModel:
     def _qlora_base(adapter: Path | None) -> str:
         """``nf4``/``int8`` where ``adapter`` was trained on a quantised base and bitsandbytes is here to rebuild
         that base; ``none`` otherwise (without bitsandbytes the adapter goes on the fp32 base, with a warning)."""
-        from tunelab.models.adapters import adapter_quantize
+        from tunelab.models.quantize import require_bitsandbytes
 
         q = adapter_quantize(adapter) if adapter is not None else "none"
         if q == "none":
             return q
         try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
+            require_bitsandbytes()
+        except ConfigError:
             warn_line(f"{adapter} was trained on the {q} base (QLoRA); without bitsandbytes it goes on the "
                       f"full-precision base, whose answers can differ: pip install bitsandbytes, or tunelab merge it")
             return "none"
@@ -118,8 +118,6 @@ class LocalModel:
         return q
 
     def _attach_adapter(self, model, adapter: Path, *, allow_other_base: bool = False):
-        adapter = find_adapter_dir(adapter)
-        self.adapter_path = adapter
         from peft import PeftModel
 
         # One line instead of PEFT's size-mismatch traceback, and no silent answers from another base's adapter.
