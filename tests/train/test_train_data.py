@@ -144,6 +144,8 @@ def test_forgetting_probe_keeps_its_own_length_limit_whatever_the_run_trains_at(
     cfg = TrainConfig.model_validate({"data": {"path": str(probe)},
                                       "forgetting": {"data": str(probe), "max_seq_len": 256}})
     assert len(ForgettingProbe.create(SimpleNamespace(cfg=cfg, tokenizer=tokenizer)).data.examples) == 3
+    with pytest.raises(ValueError, match="forgetting.max_seq_len"):  # the CLI shows it as one line, exit 2
+        TrainConfig.model_validate({"data": {"path": str(probe)}, "forgetting": {"data": str(probe), "max_seq_len": 4}})
 
 
 @pytest.mark.parametrize("line,message", [
