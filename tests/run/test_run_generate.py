@@ -20,7 +20,8 @@ def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):
             "teacher": {"model": "fake-label", "base_url": srv.url, "api_key_env": "FAKE_TEACHER_KEY",
                         "price": {"input": 0.15, "output": 0.6}, "concurrency": 4, "timeout_s": 10,
                         "max_retries": 2, "backoff_initial_s": 0.01},
-            "sampling": {"max_tokens": 8}, "quality": {"dedup": "exact"}}}
+            "sampling": {"max_tokens": 8}, "quality": {"dedup": "exact"}},
+            "exclude_gold": False}  # the teacher relabels the gold reviews on purpose (as inputs: train would)
         exp = experiment(tiny_model_dir, generate=gen)
         exp["train"][0]["data"] = "generated"
         path = write_yaml(tmp_path / "exp.yaml", exp)

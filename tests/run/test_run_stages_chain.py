@@ -15,12 +15,18 @@ import yaml
 
 from helpers import EXAMPLES, read_jsonl, write_jsonl, write_yaml
 from helpers.cli import assert_clean_error, ok, run_cli
-from helpers.run import SHORT, actions, experiment, run_env, state
+from helpers.run import DEV, SHORT, actions, experiment, run_env, state
 from helpers.train import reviews
 
 LORA = {"method": "lora", "prompt": "short", "max_seq_len": 512, "lora": {"r": 4, "alpha": 8,
         "modules_to_save": ["embed_tokens"]}, "optim": {"lr": 5.0e-3}, "train": {"epochs": 1, "batch_size": 4,
         "micro_batch_size": 4}}
+
+
+def unlabelled(n: int) -> list[dict]:
+    """``n`` reviews that are neither the experiment's gold (data.train) nor its eval items: unlabelled text."""
+    taken = {r["text"] for r in reviews(10_000)} | {r["text"] for r in read_jsonl(DEV)}
+    return [r for r in read_jsonl(EXAMPLES / "data" / "nsmc_binary_train_4000.jsonl") if r["text"] not in taken][:n]
 
 
 def teacher_config(texts):
@@ -52,7 +58,7 @@ def chain(model, texts, **over):
 @pytest.fixture(scope="module")
 def chained(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("chain")
-    texts = write_jsonl(d / "texts.jsonl", [{"text": r["text"]} for r in reviews(200)])
+    texts = write_jsonl(d / "texts.jsonl", [{"text": r["text"]} for r in unlabelled(200)])
     exp = write_yaml(d / "exp.yaml", chain(tiny_model_dir, texts))
     out = d / "out"
     p = ok(run_cli("run", exp, "--out", out, env=run_env(d)))

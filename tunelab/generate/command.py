@@ -94,6 +94,8 @@ def _print_summary(s: GenerateStats) -> None:
     if s.inputs:
         kept += f" rows from {s.inputs:,} inputs"
     t.add_row("kept", kept)
+    if s.excluded_inputs:
+        t.add_row("excluded", f"{s.excluded_inputs:,} inputs found in data.exclude (not sent)")
     t.add_row("dropped", ", ".join(f"{k} {v}" for k, v in s.dropped.by_reason.items()) or "none")
     if s.pending:
         t.add_row("pending", f"{s.pending:,} (rerun to finish)")

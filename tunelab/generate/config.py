@@ -87,6 +87,12 @@ class InputsConfig(StrictModel):
     limit: int | None = Field(None, ge=1)
     id_field: str | None = Field(None, description="default 'id' if present, else the line number")
     encoding: Encoding | None = Field(None, description="the file's encoding when it is not UTF-8 (e.g. cp949 for a file saved by Windows or Excel in Korea); default: UTF-8, with or without a BOM")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="files (JSONL/CSV, relative to the config) whose items are not sent: an input is skipped when "
+                    "every field the prompt reads equals that of a record there (a gold training set, so a teacher "
+                    "label never stands beside or instead of a gold one; an eval set, so it never leaks into "
+                    "training); limit counts the inputs left")
 
 
 class QualityConfig(StrictModel):

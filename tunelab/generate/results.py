@@ -142,6 +142,7 @@ class GenerateStats(Versioned):
     teacher: TeacherInfo
     sampling: dict[str, Any]
     inputs: int | None = None
+    excluded_inputs: int | None = None       # label, respond: skipped as in data.exclude
     kept: int
     dropped: DropCounts
     pending: int

@@ -66,11 +66,31 @@ def price_for(cfg: GenerateConfig) -> Price | None:
     return Price(input=p[0], output=p[1]) if p else None
 
 
-def load_inputs(cfg: GenerateConfig, base: Path, limit: int | None) -> tuple[list[dict], list[str], Path]:
+def load_inputs(cfg: GenerateConfig, base: Path, limit: int | None,
+                fields: list[str] | None = None) -> tuple[list[dict], list[str], Path, int]:
+    """The inputs (up to the limit, after ``data.exclude``), their ids, the file, and how many were excluded."""
     assert cfg.data is not None
     path = _rel(base, cfg.data.path)
     lim = min(x for x in (limit, cfg.data.limit) if x is not None) if (limit or cfg.data.limit) else None
-    items = read_records(path, limit=lim, encoding=cfg.data.encoding, encoding_option="data.encoding:")
+    excluded = 0
+    if cfg.data.exclude:
+        fields = fields or ["text"]
+        known = _excluded_keys([_rel(base, e) for e in cfg.data.exclude], fields, cfg.data.encoding)
+        items = read_records(path, encoding=cfg.data.encoding, encoding_option="data.encoding:")
+        kept = []
+        for it in items:
+            if lim is not None and len(kept) >= lim:
+                break
+            key = tuple(str(it.get(f)) for f in fields)
+            if key in known:
+                excluded += 1
+            else:
+                kept.append(it)
+        if items and not kept:
+            raise DataError(f"every input is in data.exclude ({excluded} of them)", where=str(path))
+        items = kept
+    else:
+        items = read_records(path, limit=lim, encoding=cfg.data.encoding, encoding_option="data.encoding:")
     if not items:
         raise DataError("no inputs in the file", where=str(path))
     id_field = cfg.data.id_field or ("id" if "id" in items[0] else None)
@@ -88,7 +108,22 @@ def load_inputs(cfg: GenerateConfig, base: Path, limit: int | None) -> tuple[lis
                             "must be unique (or set data.id_field)", where=f"{path}:{it.get('_line')}")
         first[iid] = it.get("_line")
         ids.append(iid)
-    return items, ids, path
+    return items, ids, path, excluded
+
+
+def _excluded_keys(paths: list[Path], fields: list[str], encoding: str | None) -> set[tuple[str, ...]]:
+    """The values of ``fields`` of every record of the ``data.exclude`` files."""
+    keys: set[tuple[str, ...]] = set()
+    for p in paths:
+        if not p.is_file():
+            raise DataError("data.exclude: no such file", where=str(p))
+        for rec in read_records(p, encoding=encoding, encoding_option="data.encoding:"):
+            missing = [f for f in fields if f not in rec]
+            if missing:
+                raise DataError(f"data.exclude: the prompt reads {missing[0]!r}, which this record lacks",
+                                where=f"{p}:{rec.get('_line')}")
+            keys.add(tuple(str(rec[f]) for f in fields))
+    return keys
 
 
 def load_seed_tasks(path: Path) -> list[dict]:
@@ -152,8 +187,10 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
     ids: list[str] = []
     data_path = ""
     seeds: list[dict] = []
+    excluded = 0
     if cfg.pipeline in ("label", "respond"):
-        items, ids, dp = load_inputs(cfg, base, opts.limit)
+        items, ids, dp, excluded = load_inputs(cfg, base, opts.limit,
+                                               spec.input_fields() if spec is not None else None)
         data_path = str(dp)
     else:
         assert cfg.self_instruct is not None
@@ -212,6 +249,8 @@ def run_generate(config_path: Path, opts: RunOptions) -> GenerateStats | Generat
                 rows = [r for i, r in enumerate(rows) if i not in hits]
         rows, more = pipeline.finalize(rows)
         result.extra.update(more)
+        if excluded:
+            result.extra["excluded_inputs"] = excluded
         paths = write_outputs(out_dir, rows, formats=cfg.output.formats, provenance=cfg.output.provenance)
         batch_files: list[str] = []
         if opts.batch_api and resolver.pending:

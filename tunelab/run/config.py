@@ -53,6 +53,10 @@ class GenerateSettings(StrictModel):
                               "train_limit), with only the fields the prompt reads, so the teacher never sees a gold "
                               "label; the stage then scores the teacher's labels against the withheld gold ones "
                               "(agreement, Cohen's kappa, confusion; label pipelines only)")
+    exclude_gold: bool = Field(True, description="inputs: config: the texts of data.train and data.eval are added to "
+                                                 "the generate config's data.exclude, so the teacher never labels a gold "
+                                                 "training review (the student would see it twice, once with the "
+                                                 "teacher's label) nor an eval review (a leak into training)")
     serve: bool | str = Field(False, description="true: the teacher is the experiment's base model behind `tunelab "
                                                  "serve` on 127.0.0.1, started for the stage (a plumbing check without "
                                                  "an API); the name of a train method: that tuned model (adapter on its "

@@ -56,10 +56,10 @@ def _examples(out: Path, summary: RunSummary, limit: int = MAX_EXAMPLES) -> tupl
     return cols, items[:limit]
 
 
-def _charts(out: Path, summary: RunSummary) -> dict[str, str]:
+def _charts(out: Path, summary: RunSummary) -> dict[str, str | None]:
     from tunelab.report import plots
 
-    charts: dict[str, str] = {}
+    charts: dict[str, str | None] = dict.fromkeys(("accuracy", "diff", "loss"))  # a run of --only generate has none
     bars: list[tuple[str, Interval]] = []
     best_i = None
     for p in summary.prompts or []:

@@ -260,6 +260,9 @@ def load_generate_dict(r: ResolvedExperiment) -> dict[str, Any]:
             v = cur[keys[-1]]
             if keys[-1] != "json_schema" or v.endswith(".json"):
                 cur[keys[-1]] = str(_abs(base, v))
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("exclude"), list):
+        data["exclude"] = [str(_abs(base, v)) if isinstance(v, str) else v for v in data["exclude"]]
     raw.setdefault("output", {})
     if isinstance(raw["output"], dict):
         raw["output"].pop("dir", None)

@@ -161,6 +161,9 @@ class GenerateStage:
         if g.inputs == "train":
             cfg["data"] = {"path": str(d / "texts.jsonl") if d is not None else "<texts of data.train>",
                            "id_field": "id"}
+        elif g.exclude_gold and isinstance(cfg.get("data"), dict) and cfg.get("pipeline") in ("label", "respond"):
+            gold = [str(p) for p in (ctx.r.train_data, ctx.r.eval_data) if p is not None]
+            cfg["data"]["exclude"] = list(dict.fromkeys([*(cfg["data"].get("exclude") or []), *gold]))
         if g.serve:  # the URL is known once the server is up; the config hashes without it
             teacher = cfg.get("teacher") or {}
             cfg["teacher"] = {**{k: v for k, v in teacher.items() if k not in ("api_key_env", "api_key_file")},
