@@ -7,7 +7,7 @@ import json
 import shutil
 
 from helpers import read_jsonl, write_yaml
-from helpers.cli import ok, run_cli
+from helpers.cli import assert_clean_error, ok, run_cli
 from helpers.fakeserver import FakeServer
 from helpers.run import FEW_SHOT, TRAIN, actions, experiment, run_env, state
 
@@ -61,3 +61,24 @@ def test_teacher_labels_feed_training_and_the_cost(tiny_model_dir, tmp_path):
         assert set(actions(out).values()) == {("done", "cached")}
         assert srv.stats()["completions"] == sent
     assert state(out)["stages"]["train/lora"]["result"]["data"] == str(data.resolve())
+
+
+def test_a_student_of_a_teacher_that_kept_nothing_is_one_line(tiny_model_dir, tmp_path):
+    """A teacher whose every label falls under quality.min_confidence (here: a server without logprobs) leaves the
+    student nothing from it: the train stage says so, and why, instead of 'the dataset has no records'."""
+    with FakeServer(labels=["Positive", "Negative"]) as srv:
+        gen = {"config": {
+            "name": "teacher", "pipeline": "label", "prompt": str(FEW_SHOT), "data": {"path": str(TRAIN), "limit": 8},
+            "teacher": {"model": "fake-label", "base_url": srv.url, "concurrency": 4, "timeout_s": 10},
+            "sampling": {"max_tokens": 8}, "quality": {"dedup": "exact", "min_confidence": 0.9}},
+            "exclude_gold": False}
+        exp = experiment(tiny_model_dir, generate=gen)
+        exp["train"][0]["mix"] = ["generated"]
+        out = tmp_path / "out"
+        p = run_cli("run", write_yaml(tmp_path / "exp.yaml", exp), "--out", out,
+                    env=run_env(tmp_path, OPENAI_API_KEY="sk-test-not-a-real-key"))
+    line = assert_clean_error(p, "the generate stage kept none", "no_confidence 8", "min_confidence",
+                              last_line_only=True)
+    assert "has no records" not in line
+    done = actions(out)
+    assert done["generate"][0] == "done" and done["train/lora"][0] != "done"

@@ -292,6 +292,17 @@ class GenerateStage:
         return ServerThread(app, port=0).start(timeout=300)
 
 
+def _drop_reasons(d: Path) -> str:
+    """'dropped: low_confidence 32, ...' from a generate folder's stats.json."""
+    from tunelab.generate.results import GenerateStats
+
+    try:
+        by = GenerateStats.read(d / "stats.json").dropped.by_reason
+    except TunelabError:
+        return "see its stats.json"
+    return "dropped: " + (", ".join(f"{k} {v}" for k, v in by.items()) or "none")
+
+
 def item_id(item: dict, index: int, id_field: str | None) -> str:
     """An item's id: its ``id_field`` (default ``id``) when it has one, else ``line<N>`` (its line in the file)."""
     f = id_field or "id"
@@ -388,7 +399,12 @@ class TrainStage:
             assert ctx.r.train_data is not None
             return ctx.r.train_data
         if d == "generated":
-            return Path(ctx.upstream_result("generate", GenerateStageResult).data)
+            g = ctx.upstream_result("generate", GenerateStageResult)
+            if g.kept == 0:
+                raise DataError(f"train.{self.plan.entry.name}: the generate stage kept none of the teacher's rows, so "
+                                f"there is nothing to train on ({_drop_reasons(Path(g.data).parent)}; lower "
+                                "quality.min_confidence, or use a stronger teacher)", where=g.data)
+            return Path(g.data)
         p = Path(d).expanduser()
         return p if p.is_absolute() else (ctx.r.base_dir / p).resolve()
 
