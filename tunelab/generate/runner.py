@@ -72,25 +72,24 @@ def load_inputs(cfg: GenerateConfig, base: Path, limit: int | None,
     assert cfg.data is not None
     path = _rel(base, cfg.data.path)
     lim = min(x for x in (limit, cfg.data.limit) if x is not None) if (limit or cfg.data.limit) else None
+    # with data.exclude the limit counts the inputs left, so the file is read whole
+    items = read_records(path, limit=None if cfg.data.exclude else lim, encoding=cfg.data.encoding,
+                         encoding_option="data.encoding:")
     excluded = 0
     if cfg.data.exclude:
         fields = fields or ["text"]
         known = _excluded_keys([_rel(base, e) for e in cfg.data.exclude], fields, cfg.data.encoding)
-        items = read_records(path, encoding=cfg.data.encoding, encoding_option="data.encoding:")
         kept = []
         for it in items:
             if lim is not None and len(kept) >= lim:
                 break
-            key = tuple(str(it.get(f)) for f in fields)
-            if key in known:
+            if tuple(str(it.get(f)) for f in fields) in known:
                 excluded += 1
             else:
                 kept.append(it)
         if items and not kept:
             raise DataError(f"every input is in data.exclude ({excluded} of them)", where=str(path))
         items = kept
-    else:
-        items = read_records(path, limit=lim, encoding=cfg.data.encoding, encoding_option="data.encoding:")
     if not items:
         raise DataError("no inputs in the file", where=str(path))
     id_field = cfg.data.id_field or ("id" if "id" in items[0] else None)
